@@ -1,0 +1,159 @@
+"""The grain input pipeline: documents → tokens → fixed windows → host batches → global jax.Arrays.
+
+Two readers feed the same tail:
+  raw:  Pile *.jsonl.zst → JsonlZstSource → shuffle → repeat → host slice → tokenize (batched,
+        EOS between documents) → concat-then-split into seq_len+1 windows → batch
+  tfds: pre-packed windows (array_record, see tfds_packed.py) → shuffle → repeat → host slice → batch
+        (random access: batch i is a pure function of i — the form a TPU pod streams)
+Both end in an `IterDataset` of {"tokens": int32[host_batch, seq_len + 1]} whose state grain can
+checkpoint; `to_global` turns each host batch into a slice of one global array on the mesh's data
+axis with `jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import grain
+import grain.experimental as gx
+import numpy as np
+
+from monojax.data import sources, tokenizer as tokenizer_lib
+
+DEFAULT_CORPUS_DIR = "~/.cache/monojax/corpus/debmix-v1"
+SPLITS = ("train", "val")
+
+
+def corpus_root(data_cfg, log=logging.info) -> str:
+  """The directory holding train/ and val/ shards; builds the default corpus when it is absent."""
+  if data_cfg.path == "default":
+    from monojax.data import build_corpus  # only the default path needs the builder
+    root = os.path.expanduser(DEFAULT_CORPUS_DIR)
+    build_corpus.ensure_corpus(root, log=log)
+    return root
+  root = os.path.expanduser(data_cfg.path)
+  if "://" not in root and not os.path.isdir(root):
+    raise FileNotFoundError(f"data.path: {data_cfg.path!r} is not a directory (expected one holding "
+                            f"{data_cfg.train_files!r} and {data_cfg.val_files!r}, or 'default')")
+  return root
+
+
+def split_files(data_cfg, root: str, split: str) -> list[str]:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  pattern = data_cfg.train_files if split == "train" else data_cfg.val_files
+  files = sources.resolve_files(pattern, root)
+  if not files:
+    flag = "data.train_files" if split == "train" else "data.val_files"
+    raise FileNotFoundError(f"{flag}: no files match {pattern!r} under {root}")
+  return files
+
+
+def text_source(data_cfg, root: str, split: str, log=logging.info) -> sources.JsonlZstSource:
+  return sources.JsonlZstSource(split_files(data_cfg, root, split), on_error=data_cfg.on_error,
+                                index_dir=data_cfg.index_dir, log=log)
+
+
+def get_tokenizer(data_cfg, root: str, log=logging.info) -> tokenizer_lib.TextTokenizer:
+  """'gpt-neox-20b' (vendored), 'bpe:<vocab>' (trained once on the train split, cached beside the
+  corpus index), or a path to a tokenizer.json(.gz)."""
+  spec = data_cfg.tokenizer
+  if spec.startswith("bpe:"):
+    try:
+      vocab = int(spec[4:])
+    except ValueError:
+      raise ValueError(f"data.tokenizer: expected 'bpe:<vocab size>', got {spec!r}") from None
+    src = text_source(data_cfg, root, "train", log)
+    path = os.path.join(src.dir, f"bpe-{vocab}.tokenizer.json")
+    if not os.path.exists(path):
+      import time
+      t0 = time.time()
+      tokenizer_lib.train_bpe((src[i] for i in range(len(src))), vocab, path)
+      log(f"data: trained byte-level BPE with vocab {vocab} on {len(src):,} documents in "
+          f"{time.time() - t0:.1f}s -> {path}")
+    spec = path
+  return tokenizer_lib.TextTokenizer(spec, max_chunk_chars=data_cfg.max_chunk_chars)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EncodeDocs:
+  """grain map: a list of documents → {"tokens": one id stream with EOS after each document}."""
+  tokenizer: tokenizer_lib.TextTokenizer
+
+  def __call__(self, docs) -> dict[str, np.ndarray]:
+    return {"tokens": self.tokenizer.encode_documents(list(docs))}
+
+
+def _only_tokens(window: dict[str, np.ndarray]) -> np.ndarray:
+  return window["tokens"]
+
+
+def _is_full_window(window: dict[str, np.ndarray]) -> bool:
+  # concat-then-split pads the last window of a finite stream with zeros (segment id 0); such a
+  # window would teach/score EOS at padding, so it is dropped.
+  return bool(window["tokens_segment_ids"][-1] > 0)
+
+
+def _to_int32_batch(x: np.ndarray) -> dict[str, np.ndarray]:
+  return {"tokens": np.asarray(x, np.int32)}
+
+
+def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer, root: str,
+                 host_batch: int, seed: int, process_index: int, process_count: int,
+                 repeat: bool | None = None, log=logging.info) -> grain.IterDataset:
+  """This host's batches: {"tokens": int32[host_batch, seq_len + 1]}.
+
+  Training (repeat=True, the default for 'train') shuffles globally with `seed`, repeats forever
+  (reshuffled each epoch) and gives host `process_index` every `process_count`-th element, so hosts
+  see disjoint data. Evaluation reads once, in order.
+  """
+  repeat = (split == "train") if repeat is None else repeat
+  window = data_cfg.seq_len + 1
+  read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
+  if data_cfg.format == "raw":
+    ds = grain.MapDataset.source(text_source(data_cfg, root, split, log))
+    if repeat:
+      ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count]
+    ds = ds.batch(data_cfg.tokenize_batch_docs, drop_remainder=False).map(_EncodeDocs(tokenizer))
+    it = ds.to_iter_dataset(read)
+    it = gx.ConcatThenSplitIterDataset(it, length_struct={"tokens": window})
+    it = it.filter(_is_full_window).map(_only_tokens)
+  elif data_cfg.format == "tfds":
+    from monojax.data import tfds_packed  # tfds import costs ~0.3 s; only this path needs it
+    ds = grain.MapDataset.source(tfds_packed.packed_source(data_cfg, root, split, tokenizer, log=log))
+    if repeat:
+      ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count].map(tfds_packed.tokens_of)
+    it = ds.to_iter_dataset(read)
+  else:
+    raise ValueError(f"data.format must be 'raw' or 'tfds', got {data_cfg.format!r}")
+  it = it.batch(host_batch, drop_remainder=True).map(_to_int32_batch)
+  if data_cfg.workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+  return it
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToGlobal:
+  sharding: Any
+
+  def __call__(self, batch):
+    import jax
+    return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in batch.items()}
+
+
+def to_global(it: grain.IterDataset, mesh, data_axis: str = "data", prefetch: int = 2) -> grain.IterDataset:
+  """Host batches → global jax.Arrays sharded on the batch dimension over `data_axis`, prefetched on
+  a thread so host-to-device copies overlap the step. The result's iterator state is still grain's."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  it = it.map(_ToGlobal(NamedSharding(mesh, P(data_axis))))
+  return gx.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch) if prefetch else it
+
+
+def host_batch_size(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f"data.global_batch={global_batch} must be divisible by the number of processes ({process_count})")
+  return global_batch // process_count

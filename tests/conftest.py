@@ -1,0 +1,58 @@
+"""Test setup: CPU with 8 virtual devices, absl flags parsed (grain reads them), a persistent
+compile cache, and a small real-text corpus built from Python's own docs (no network)."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pydoc_texts():
+  """~80 real English documents (0.7 MB) from pydoc_data.topics."""
+  from pydoc_data.topics import topics
+  return [topics[k] for k in sorted(topics) if len(topics[k]) > 200]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory, pydoc_texts):
+  """A Pile-format corpus dir: train/{a,b}.jsonl.zst, val/val.jsonl.zst; returns its path."""
+  from monojax.data import pile_io
+  root = tmp_path_factory.mktemp("corpus")
+  recs = [{"text": t, "meta": {"pile_set_name": "Docs: Python" if i % 3 else "Docs: Python (odd)", "id": i}}
+          for i, t in enumerate(pydoc_texts)]
+  val = recs[::10]
+  train = [r for i, r in enumerate(recs) if i % 10]
+  pile_io.write_shard(root / "train" / "a.jsonl.zst", train[: len(train) // 2])
+  pile_io.write_shard(root / "train" / "b.jsonl.zst", train[len(train) // 2:])
+  pile_io.write_shard(root / "val" / "val.jsonl.zst", val)
+  return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory, pydoc_texts):
+  """A 512-token byte-level BPE trained on the pydoc texts (~0.1 s)."""
+  from monojax.data import tokenizer
+  path = tmp_path_factory.mktemp("tok") / "bpe512.json"
+  tokenizer.train_bpe(pydoc_texts, 512, path)
+  return str(path)
+
+
+@pytest.fixture
+def data_cfg(tiny_corpus, tiny_tokenizer_path, tmp_path):
+  from monojax.config import base_config
+  c = base_config().data
+  c.path = tiny_corpus
+  c.tokenizer = tiny_tokenizer_path
+  c.seq_len = 32
+  c.global_batch = 4
+  c.index_dir = str(tmp_path / "index")
+  c.tfds_dir = str(tmp_path / "tfds")
+  c.prefetch = 4
+  c.tokenize_batch_docs = 4
+  return c

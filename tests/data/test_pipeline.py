@@ -1,0 +1,172 @@
+"""The grain pipeline: both readers, packing, host slicing, resume, global arrays, bad input."""
+import json
+
+import numpy as np
+import pytest
+import zstandard
+
+from monojax.data import pipeline, pile_io, sources, tokenizer as tk
+
+
+def _tok(data_cfg):
+  return tk.TextTokenizer(data_cfg.tokenizer)
+
+
+def _batches(data_cfg, split="train", **kw):
+  args = dict(tokenizer=_tok(data_cfg), root=data_cfg.path, host_batch=data_cfg.global_batch, seed=0,
+              process_index=0, process_count=1)
+  args.update(kw)
+  return pipeline.host_batches(data_cfg, split, **args)
+
+
+def _docs(data_cfg, split):
+  return [r["text"] for f in pipeline.split_files(data_cfg, data_cfg.path, split)
+          for _, r in pile_io.read_records(f)]
+
+
+def test_raw_batches_have_the_right_shape(data_cfg):
+  it = iter(_batches(data_cfg))
+  for _ in range(3):
+    b = next(it)
+    assert b["tokens"].shape == (4, 33) and b["tokens"].dtype == np.int32
+    assert b["tokens"].max() < 512
+
+
+@pytest.mark.parametrize("fmt", ["raw", "tfds"])
+def test_packing_loses_and_duplicates_nothing(data_cfg, fmt):
+  """One pass, in order: windows concatenate to exactly the EOS-joined token stream."""
+  data_cfg.format = fmt
+  tok = _tok(data_cfg)
+  stream = tok.encode_documents(_docs(data_cfg, "val"))
+  windows = np.concatenate([b["tokens"] for b in _batches(data_cfg, "val", host_batch=1, repeat=False)])
+  L = data_cfg.seq_len + 1
+  assert windows.shape == (len(stream) // L, L)
+  if fmt == "raw":
+    np.testing.assert_array_equal(windows.reshape(-1), stream[:windows.size])
+  else:  # TFDS stores examples in a hashed order: the same windows, permuted
+    expect = stream[:windows.size].reshape(-1, L)
+    assert sorted(map(bytes, windows.astype(np.int32))) == sorted(map(bytes, expect.astype(np.int32)))
+
+
+def test_two_hosts_see_disjoint_data_that_covers_everything(data_cfg):
+  tok = _tok(data_cfg)
+  docs = _docs(data_cfg, "val")
+  L = data_cfg.seq_len + 1
+  for pi in range(2):
+    got = np.concatenate([b["tokens"] for b in _batches(data_cfg, "val", host_batch=1, repeat=False,
+                                                        process_index=pi, process_count=2)]).reshape(-1)
+    stream = tok.encode_documents(docs[pi::2])
+    np.testing.assert_array_equal(got, stream[:len(stream) // L * L])
+
+
+def test_two_hosts_shuffled_training_differs_and_matches_the_global_order(data_cfg):
+  a = next(iter(_batches(data_cfg, process_index=0, process_count=2)))["tokens"]
+  b = next(iter(_batches(data_cfg, process_index=1, process_count=2)))["tokens"]
+  assert not np.array_equal(a, b)
+  c = next(iter(_batches(data_cfg, seed=1, process_index=0, process_count=2)))["tokens"]
+  assert not np.array_equal(a, c)  # the data seed changes the order
+
+
+@pytest.mark.parametrize("fmt,workers", [("raw", 0), ("tfds", 0), ("raw", 1)])
+def test_iterator_state_resumes_with_exactly_the_next_batch(data_cfg, fmt, workers):
+  data_cfg.format = fmt
+  data_cfg.workers = workers
+  it = iter(_batches(data_cfg))
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  json.dumps(state)  # JSON-able: it goes into the checkpoint
+  expect = [next(it)["tokens"] for _ in range(3)]
+  it2 = iter(_batches(data_cfg))
+  it2.set_state(state)
+  got = [next(it2)["tokens"] for _ in range(3)]
+  for e, g in zip(expect, got):
+    np.testing.assert_array_equal(e, g)
+
+
+def test_orbax_grain_checkpoint_round_trip(data_cfg, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+  it = iter(_batches(data_cfg))
+  next(it)
+  next(it)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expect = next(it)["tokens"]
+  it2 = iter(_batches(data_cfg))
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+  np.testing.assert_array_equal(next(it2)["tokens"], expect)
+
+
+def test_global_arrays_on_an_8_device_mesh(data_cfg):
+  import jax
+  from monojax import sharding
+  from monojax.config import base_config
+  mesh_cfg = base_config().mesh
+  mesh_cfg.shape = (4, 2)
+  mesh = sharding.make_mesh(mesh_cfg)
+  data_cfg.global_batch = 8
+  it = iter(pipeline.to_global(_batches(data_cfg, host_batch=8), mesh))
+  b = next(it)["tokens"]
+  assert isinstance(b, jax.Array) and b.shape == (8, 33)
+  assert b.sharding.spec == jax.sharding.PartitionSpec("data")
+  assert len(b.addressable_shards) == 8 and b.addressable_shards[0].data.shape == (2, 33)
+  state = it.get_state()
+  nxt = np.asarray(next(it)["tokens"])
+  it2 = iter(pipeline.to_global(_batches(data_cfg, host_batch=8), mesh))
+  it2.set_state(state)
+  np.testing.assert_array_equal(np.asarray(next(it2)["tokens"]), nxt)
+
+
+def _corpus_with_bad_line(tmp_path, line: bytes):
+  root = tmp_path / "bad_corpus"
+  good = [json.dumps({"text": f"good document number {i} " * 20, "meta": {"pile_set_name": "s"}}).encode()
+          for i in range(40)]
+  for split in ("train", "val"):
+    (root / split).mkdir(parents=True)
+    (root / split / "x.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b"\n".join(good[:5] + [line] + good[5:]) + b"\n"))
+  return str(root)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "tfds"])
+def test_bad_record_raises_naming_file_and_line(data_cfg, tmp_path, fmt):
+  data_cfg.path = _corpus_with_bad_line(tmp_path, b"{broken json")
+  data_cfg.format = fmt
+  with pytest.raises(pile_io.CorruptInputError, match=r"x\.jsonl\.zst:6: line is not JSON"):
+    next(iter(_batches(data_cfg)))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "tfds"])
+def test_bad_record_skipped_and_counted(data_cfg, tmp_path, fmt):
+  data_cfg.path = _corpus_with_bad_line(tmp_path, b'{"meta": {}}')
+  data_cfg.format = fmt
+  data_cfg.on_error = "skip"
+  logs = []
+  b = next(iter(_batches(data_cfg, log=logs.append)))
+  assert b["tokens"].shape == (4, 33)
+  assert any("no_text=1" in line for line in logs), logs
+
+
+def test_index_is_cached_and_invalidated_by_changes(data_cfg, tmp_path):
+  files = pipeline.split_files(data_cfg, data_cfg.path, "val")
+  logs = []
+  s1 = sources.JsonlZstSource(files, index_dir=str(tmp_path / "idx"), log=logs.append)
+  s2 = sources.JsonlZstSource(files, index_dir=str(tmp_path / "idx"), log=logs.append)
+  assert s1.dir == s2.dir and sum("indexed" in l for l in logs) == 1
+  assert s1[0] == _docs(data_cfg, "val")[0] and s1.set_name(0) == "Docs: Python (odd)"
+  s3 = sources.JsonlZstSource(files, on_error="skip", index_dir=str(tmp_path / "idx"), log=logs.append)
+  assert s3.dir != s1.dir
+
+
+def test_missing_inputs_give_clear_errors(data_cfg, tmp_path):
+  data_cfg.path = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="data.path"):
+    pipeline.corpus_root(data_cfg)
+  data_cfg.path = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="data.train_files"):
+    pipeline.split_files(data_cfg, data_cfg.path, "train")
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.host_batch_size(6, 4)
