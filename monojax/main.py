@@ -31,6 +31,16 @@ def write_config(cfg, workdir: str) -> str:
 
 
 def main(argv):
+  from monojax import errors
+  try:
+    _main(argv)
+  except errors.UserInputError as e:
+    # Bad input is the user's to fix: one clear line, no traceback; nothing written is touched.
+    print(f"monojax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
@@ -68,10 +78,16 @@ def main(argv):
         f"= {counts['train']['total']['tokens'] / (cfg.data.global_batch * cfg.data.seq_len):,.0f} steps per epoch")
 
 
+def _setup_logging(argv):
+  # Plain "HH:MM:SS message" lines: the console is read by people, not parsed.
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  return argv
+
+
 def run():
   jax_config_with_absl()
-  absl_logging.set_verbosity(absl_logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: _setup_logging(flags.FLAGS(argv)))
 
 
 def jax_config_with_absl():

@@ -14,11 +14,12 @@ from typing import Any, Iterable, Iterator
 
 import zstandard
 from etils import epath
+from monojax import errors
 
 ON_ERROR_CHOICES = ("raise", "skip")
 
 
-class CorruptInputError(ValueError):
+class CorruptInputError(errors.UserInputError):
   """A data file holds something that is not a valid Pile record."""
 
 
@@ -132,7 +133,7 @@ def read_records(path: str | os.PathLike, on_error: str = "raise",
   'empty', never an error. Blank lines are ignored.
   """
   if on_error not in ON_ERROR_CHOICES:
-    raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    raise errors.ConfigError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
   skips = skips if skips is not None else SkipCounts()
   for lineno, line in iter_lines(path):
     if not line.strip():

@@ -21,6 +21,7 @@ import grain.experimental as gx
 import numpy as np
 
 from monojax.data import sources, tokenizer as tokenizer_lib
+from monojax import errors
 
 DEFAULT_CORPUS_DIR = "~/.cache/monojax/corpus/debmix-v1"
 SPLITS = ("train", "val")
@@ -35,19 +36,19 @@ def corpus_root(data_cfg, log=logging.info) -> str:
     return root
   root = os.path.expanduser(data_cfg.path)
   if "://" not in root and not os.path.isdir(root):
-    raise FileNotFoundError(f"data.path: {data_cfg.path!r} is not a directory (expected one holding "
+    raise errors.MissingInputError(f"data.path: {data_cfg.path!r} is not a directory (expected one holding "
                             f"{data_cfg.train_files!r} and {data_cfg.val_files!r}, or 'default')")
   return root
 
 
 def split_files(data_cfg, root: str, split: str) -> list[str]:
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}")
   pattern = data_cfg.train_files if split == "train" else data_cfg.val_files
   files = sources.resolve_files(pattern, root)
   if not files:
     flag = "data.train_files" if split == "train" else "data.val_files"
-    raise FileNotFoundError(f"{flag}: no files match {pattern!r} under {root}")
+    raise errors.MissingInputError(f"{flag}: no files match {pattern!r} under {root}")
   return files
 
 
@@ -64,7 +65,7 @@ def get_tokenizer(data_cfg, root: str, log=logging.info) -> tokenizer_lib.TextTo
     try:
       vocab = int(spec[4:])
     except ValueError:
-      raise ValueError(f"data.tokenizer: expected 'bpe:<vocab size>', got {spec!r}") from None
+      raise errors.ConfigError(f"data.tokenizer: expected 'bpe:<vocab size>', got {spec!r}") from None
     src = text_source(data_cfg, root, "train", log)
     path = os.path.join(src.dir, f"bpe-{vocab}.tokenizer.json")
     if not os.path.exists(path):
@@ -129,7 +130,7 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
     ds = ds[process_index::process_count].map(tfds_packed.tokens_of)
     it = ds.to_iter_dataset(read)
   else:
-    raise ValueError(f"data.format must be 'raw' or 'tfds', got {data_cfg.format!r}")
+    raise errors.ConfigError(f"data.format must be 'raw' or 'tfds', got {data_cfg.format!r}")
   it = it.batch(host_batch, drop_remainder=True).map(_to_int32_batch)
   if data_cfg.workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
@@ -155,5 +156,5 @@ def to_global(it: grain.IterDataset, mesh, data_axis: str = "data", prefetch: in
 
 def host_batch_size(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
-    raise ValueError(f"data.global_batch={global_batch} must be divisible by the number of processes ({process_count})")
+    raise errors.ConfigError(f"data.global_batch={global_batch} must be divisible by the number of processes ({process_count})")
   return global_batch // process_count

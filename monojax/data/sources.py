@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from monojax.data import pile_io
+from monojax import errors
 
 DEFAULT_INDEX_DIR = "~/.cache/monojax/text_index"
 
@@ -57,9 +58,9 @@ class JsonlZstSource:
   def __init__(self, files: Sequence[str], *, on_error: str = "raise", index_dir: str = DEFAULT_INDEX_DIR,
                log=logging.info):
     if not files:
-      raise FileNotFoundError("data: no *.jsonl.zst files matched (check data.path / data.train_files / data.val_files)")
+      raise errors.MissingInputError("data: no *.jsonl.zst files matched (check data.path / data.train_files / data.val_files)")
     if on_error not in pile_io.ON_ERROR_CHOICES:
-      raise ValueError(f"data.on_error must be one of {pile_io.ON_ERROR_CHOICES}, got {on_error!r}")
+      raise errors.ConfigError(f"data.on_error must be one of {pile_io.ON_ERROR_CHOICES}, got {on_error!r}")
     self.files = list(files)
     self.dir = os.path.join(os.path.expanduser(index_dir), _key(self.files, on_error))
     if not os.path.exists(os.path.join(self.dir, "index.json")):

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from etils import epath
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from monojax import errors
 
 NEOX_NAME = "gpt-neox-20b"
 NEOX_VOCAB_SIZE = 50_277
@@ -36,7 +37,7 @@ def _read_tokenizer_json(spec: str) -> str:
     return gzip.decompress(data).decode("utf-8")
   path = epath.Path(os.path.expanduser(spec))
   if not path.exists():
-    raise FileNotFoundError(f"data.tokenizer: {spec!r} is neither {NEOX_NAME!r} nor an existing tokenizer.json(.gz) file")
+    raise errors.MissingInputError(f"data.tokenizer: {spec!r} is neither {NEOX_NAME!r} nor an existing tokenizer.json(.gz) file")
   data = path.read_bytes()
   if path.name.endswith(".gz"):
     data = gzip.decompress(data)
@@ -50,11 +51,11 @@ def load_hf_tokenizer(spec: str) -> Tokenizer:
   except Exception as e:  # tokenizers raises a bare Exception on bad JSON
     if isinstance(e, FileNotFoundError):
       raise
-    raise ValueError(f"data.tokenizer: {spec!r} is not a valid HF tokenizer.json ({e})") from None
+    raise errors.ConfigError(f"data.tokenizer: {spec!r} is not a valid HF tokenizer.json ({e})") from None
   # Corpus text that literally contains "<|endoftext|>" must stay text; EOS is only what we insert.
   tok.encode_special_tokens = True
   if tok.token_to_id(EOS_TOKEN) is None:
-    raise ValueError(f"data.tokenizer: {spec!r} has no {EOS_TOKEN!r} token; monojax needs it as the document separator")
+    raise errors.ConfigError(f"data.tokenizer: {spec!r} has no {EOS_TOKEN!r} token; monojax needs it as the document separator")
   return tok
 
 
@@ -132,7 +133,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
               batch_docs: int = 64) -> Tokenizer:
   """Trains a byte-level BPE with NeoX-style specials (EOS id 0, padding id 1); optionally saves it."""
   if vocab_size < 300:
-    raise ValueError(f"data.bpe_vocab_size must be ≥ 300 (256 bytes + specials + merges), got {vocab_size}")
+    raise errors.ConfigError(f"data.bpe_vocab_size must be ≥ 300 (256 bytes + specials + merges), got {vocab_size}")
   tok = Tokenizer(models.BPE())
   tok.normalizer = normalizers.NFC()
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
