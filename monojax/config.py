@@ -20,7 +20,7 @@ def base_config() -> config_dict.ConfigDict:
   d.seed = 0                       # data order; independent of `seed` so A/B runs can share the data order
   d.on_error = "raise"             # bad records: "raise" (error naming file:line) or "skip" (counted, logged)
   d.num_threads = 2                # grain read threads
-  d.prefetch = 64                  # grain read-ahead buffer (elements)
+  d.prefetch = 4                   # grain read-ahead (elements: raw = groups of tokenize_batch_docs documents)
   d.workers = 0                    # grain mp_prefetch worker processes (0 = in process)
   d.tokenize_batch_docs = 64       # documents per tokenizer call (encode_batch parallelises within it)
   d.max_chunk_chars = 32_768       # long documents are tokenized in pieces of at most this many characters
@@ -29,9 +29,50 @@ def base_config() -> config_dict.ConfigDict:
   d.tfds_dir = "~/.cache/monojax/tfds"         # where format="tfds" writes packed windows
   d.count_tokens = True            # print tokens per set at start (cached; estimated past 256 MB per file)
 
+  md = c.model = config_dict.ConfigDict()  # the paper's one-layer model (unknowns: see BUILD_NOTES.md)
+  md.d_model = 128                 # residual stream width
+  md.d_mlp = 512                   # MLP hidden width (ReLU): the SAE's input dimension
+  md.n_layers = 1                  # transformer blocks (attention + MLP each)
+  md.n_heads = 4                   # attention heads (not stated by the paper)
+  md.d_head = 32                   # per-head width; n_heads * d_head = d_model here
+  md.positional = "learned"        # "learned" absolute positions or "rotary" (both TransformerLens-exact)
+  md.tied_embeddings = False       # separate unembedding W_U (TransformerLens default)
+  md.init_std = 0.02               # weight init std; residual-writing matrices use std / sqrt(2 n_layers)
+  md.vocab_size = config_dict.placeholder(int)  # set from the tokenizer (padded to 128); do not set by hand
+  md.max_seq_len = c.data.get_ref("seq_len")    # learned position table length follows data.seq_len
+
+  t = c.train = config_dict.ConfigDict()
+  t.steps = 1000                   # optimizer steps in the run
+  t.lr = 1e-3                      # peak learning rate
+  t.warmup_steps = 100             # linear warm-up from 0
+  t.schedule = "cosine"            # decay after warm-up: "cosine" | "linear" | "constant"
+  t.final_lr_ratio = 0.1           # lr at the last step, as a fraction of train.lr
+  t.weight_decay = 0.1             # AdamW decay on matrices only
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0                # global-norm clipping (0 = off)
+  t.dtype = "float32"              # compute dtype: "float32" or "bfloat16" (fp32 master weights, fp32 loss)
+  t.loss_chunk = 0                 # positions per unembedding/CE chunk (0 = whole sequence at once)
+  t.log_every = 10                 # steps between metric lines (metrics.jsonl, TensorBoard, console)
+  t.eval_every = 200               # steps between held-out evaluations (0 = only at the end)
+  t.eval_batches = 8               # validation batches per evaluation (same batches every time)
+  t.ckpt_every = 200               # steps between checkpoints (also saved at the end and on SIGTERM)
+  t.keep_checkpoints = 3           # newest checkpoints kept
+  t.async_checkpoints = True       # write checkpoints on a background thread
+  t.inject_nan_step = -1           # test hook: make the loss NaN in the update producing this step (-1 = off)
+  t.debug_step_delay_s = 0.0       # test hook: sleep after each step (lets tests kill a run mid-way)
+  t.peak_flops = 0.0               # per-device peak FLOP/s for MFU (0 = measure a matmul / known table)
+
+  dist = c.distributed = config_dict.ConfigDict()
+  dist.coordinator_address = ""    # host:port of process 0; "" = single process unless TPU/Slurm env says otherwise
+  dist.num_processes = 0           # 0 = from the environment
+  dist.process_id = -1             # -1 = from the environment
+  dist.local_device_ids = ""       # comma-separated, optional
+
   m = c.mesh = config_dict.ConfigDict()
   m.shape = (-1, 1)                # (data, model); -1 takes the remaining devices
   m.axes = ("data", "model")
 
-  c.preview_batches = 20           # batches pulled to measure pipeline throughput at start
+  c.preview_batches = 20           # batches pulled to measure pipeline throughput at start (0 = skip)
   return c

@@ -1,12 +1,10 @@
 """monojax entry point: `python -m monojax.main --config=configs/<name>.py [--config.a.b=v] [--workdir=DIR]`.
 
-Parses the config, prepares the workdir and the data, and runs the job. (The LM and SAE training
-loop arrives with the transformer issue; until then the job builds the data and reports exactly
-what it would feed the model.)
+Parses the config, prepares the workdir and the data, and runs the job. The job trains the language
+model (resuming from the workdir's newest checkpoint if there is one).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -43,46 +41,43 @@ def main(argv):
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
-  import numpy as np
-  from monojax import sharding
-  from monojax.data import pipeline, summary
+  from monojax import distributed
+  from monojax.train import loop
 
   cfg = _CONFIG.value
+  distributed.maybe_initialize(cfg.distributed)
+  import jax
   workdir = os.path.abspath(_WORKDIR.value or os.path.join("runs", cfg.name))
-  log = logging.info
-  log(f"monojax: config {cfg.name}, workdir {workdir}, config written to {write_config(cfg, workdir)}")
-  mesh = sharding.make_mesh(cfg.mesh)
-  log(f"monojax: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
-      f"mesh {dict(mesh.shape)}")
-
-  root = pipeline.corpus_root(cfg.data, log=log)
-  tokenizer = pipeline.get_tokenizer(cfg.data, root, log=log)
-  counts = summary.summarize(cfg, root, tokenizer, log=log)
-  host_batch = pipeline.host_batch_size(cfg.data.global_batch, jax.process_count())
-  ds = pipeline.host_batches(cfg.data, "train", tokenizer=tokenizer, root=root, host_batch=host_batch,
-                             seed=cfg.data.seed, process_index=jax.process_index(),
-                             process_count=jax.process_count(), log=log)
-  ds = pipeline.to_global(ds, mesh, prefetch=cfg.data.device_prefetch)
-  m = summary.measure_pipeline(ds, cfg.preview_batches, log=log)
-  b = m["batch"]["tokens"]
-  sample = tokenizer.decode(np.asarray(jax.device_get(b))[0, :48].tolist())
-  log(f"data: pipeline ({cfg.data.format}) first batch after {m['first_batch_s']:.1f}s, then "
-      f"{m['tokens_per_s'] / 1e6:.2f} M tokens/s on this host")
-  log(f"data: the model would be fed tokens {b.dtype}{list(b.shape)} per step "
-      f"({cfg.data.global_batch} x {cfg.data.seq_len} = {cfg.data.global_batch * cfg.data.seq_len:,} "
-      f"predicted tokens), sharded {b.sharding.spec} over mesh {dict(mesh.shape)}")
-  log(f"data: first window begins {sample!r}")
-  if counts:
-    log(f"data: train split holds {counts['train']['total']['tokens']:,} tokens "
-        f"= {counts['train']['total']['tokens'] / (cfg.data.global_batch * cfg.data.seq_len):,.0f} steps per epoch")
+  if jax.process_index() == 0:
+    log_path = write_config(cfg, workdir)
+  else:
+    log_path = "(process 0 writes it)"
+  logging.info(f"monojax: config {cfg.name}, workdir {workdir}, config written to {log_path}; "
+               f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  try:
+    last = loop.run(cfg, workdir)
+  except loop.TrainingDiverged as e:
+    print(f"monojax: {e}", file=sys.stderr)
+    sys.exit(3)
+  if last:
+    logging.info("monojax: done. " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())
+                                               if isinstance(v, float)))
 
 
 def _setup_logging(argv):
   # Plain "HH:MM:SS message" lines: the console is read by people, not parsed.
   absl_logging.set_verbosity(absl_logging.INFO)
-  absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  handler = absl_logging.get_absl_handler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  handler.addFilter(_OwnInfoFilter())
   return argv
+
+
+class _OwnInfoFilter(logging.Filter):
+  """INFO lines from monojax only; libraries (orbax logs every file it renames) only WARNING+."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or f"{os.sep}monojax{os.sep}" in record.pathname
 
 
 def run():

@@ -1,10 +1,24 @@
-"""Device mesh from the config. The logical-axis rules table joins this file with the model."""
+"""Device mesh from the config, and the one table mapping logical axis names to mesh axes (t5x
+style): parameters name their axes (models/transformer.py: PARAM_AXES), this file decides where
+each name lives on the mesh."""
 from __future__ import annotations
 
 import math
 
 import jax
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+# logical axis -> mesh axis (None: replicated). Batch is data-parallel; the wide dims (vocab, MLP,
+# heads, SAE features) split over "model"; the 128-wide residual stream is replicated.
+RULES = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("feat", "model"),
+    ("embed", None),
+    ("head_dim", None),
+)
 from monojax import errors
 
 
@@ -25,3 +39,40 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   if math.prod(shape) != len(devices):
     raise errors.ConfigError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, found {len(devices)}")
   return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def logical_to_spec(axes, shape, mesh, rules=RULES) -> P:
+  """PartitionSpec for an array with these logical axes; a dim the mesh axis does not divide stays
+  replicated (e.g. 4 heads on a model axis of 8)."""
+  table = dict(rules)
+  out = []
+  for name, dim in zip(axes, shape):
+    mesh_axis = table.get(name) if name else None
+    if mesh_axis is not None and (mesh_axis not in mesh.shape or dim % mesh.shape[mesh_axis]):
+      mesh_axis = None
+    out.append(mesh_axis)
+  return P(*out)
+
+
+def _leaf_name(path) -> str:
+  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  names = [n for n in names if isinstance(n, str) and n != "value"]
+  return names[-1]
+
+
+def tree_shardings(tree, axes_by_name: dict, mesh):
+  """NamedShardings for a pytree of arrays whose leaves are named in `axes_by_name`."""
+  def one(path, x):
+    name = _leaf_name(path)
+    if name not in axes_by_name:
+      raise KeyError(f"no logical axes declared for parameter {name!r} ({jax.tree_util.keystr(path)})")
+    return NamedSharding(mesh, logical_to_spec(axes_by_name[name], x.shape, mesh))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(dict(RULES)["batch"]))

@@ -97,8 +97,11 @@ class JsonlZstSource:
         json.dump({"files": self.files, "documents": len(set_ids), "bytes": pos, "skips": dict(skips),
                    "set_names": list(set_names)}, f)
       os.makedirs(os.path.dirname(self.dir), exist_ok=True)
-      shutil.rmtree(self.dir, ignore_errors=True)
-      os.rename(tmp, self.dir)
+      try:
+        os.rename(tmp, self.dir)
+      except OSError:  # another process (a second host on this machine) finished the same index first
+        if not os.path.exists(os.path.join(self.dir, "index.json")):
+          raise
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
     log(f"data: indexed {len(set_ids):,} documents ({pos / 1e6:.1f} MB) from {len(self.files)} file(s) "

@@ -117,8 +117,11 @@ def build(data_cfg, root: str, tokenizer: tokenizer_lib.TextTokenizer, log=loggi
     with open(os.path.join(tmp, "DONE.json"), "w") as f:
       json.dump({"windows": counts, "window": data_cfg.seq_len + 1, "tokenizer": tokenizer.spec,
                  "skips": {s: dict(c) for s, c in builder.skips.items()}, "files": split_files, "seconds": time.time() - t0}, f, indent=1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
+    try:
+      os.rename(tmp, out)
+    except OSError:  # another process on this machine finished the same build first
+      if not os.path.exists(done):
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   skipped = "".join(f"; skipped in {s}: {c.summary()}" for s, c in builder.skips.items() if c)

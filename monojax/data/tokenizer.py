@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import os
-import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -125,6 +124,23 @@ class TextTokenizer:
     """Tokens of the documents without the EOS separators."""
     return int(self.encode_documents(texts).size) - len(texts)
 
+  def token_byte_lengths(self, size: int | None = None) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (EOS/padding and ids past the vocab: 0), for bits per byte.
+
+    Byte-level BPE writes each byte as one character of the token string, so the length of the
+    string is the byte count; added tokens (NeoX's whitespace runs) count their own UTF-8 bytes.
+    """
+    size = size or self.vocab_size
+    out = np.zeros((size,), np.int32)
+    added = self.hf.get_added_tokens_decoder()
+    for i in range(min(size, self.vocab_size)):
+      if i in added:
+        out[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+      else:
+        tok = self.hf.id_to_token(i)
+        out[i] = len(tok) if tok is not None else 0
+    return out
+
   def decode(self, ids: Iterable[int]) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -156,7 +172,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
   if out_path is not None:
     out_path = epath.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / (out_path.name + ".tmp")
+    tmp = out_path.parent / f"{out_path.name}.tmp-{os.getpid()}"
     tmp.write_text(tok.to_str())
-    tmp.rename(out_path)
+    tmp.replace(out_path)
   return tok

@@ -1,0 +1,108 @@
+"""Pure step functions. State is data: {"params", "opt", "step", "rng"}; the NNX module is merged
+from a static graphdef inside the jitted function, so nothing outside is mutated.
+
+The loss runs on flattened hidden states with the next-token shift done on *tokens* before the
+model (never slicing [B, T, vocab] logits, whose backward pass is slow), and the unembedding +
+cross-entropy is computed in chunks along the sequence with rematerialisation, so full logits and
+their gradient never exist at once (at vocab 50k and a TPU-size batch they would not fit).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cross_entropy_terms(h, w_u, targets, vocab_size: int, chunk: int):
+  """Sum of next-token cross-entropy (fp32, nats) and number of correct argmax predictions.
+
+  h [B, T, d], w_u [d, V_padded], targets int[B, T]. Columns past `vocab_size` (padding) are masked.
+  """
+  B, T, d = h.shape
+  V = w_u.shape[1]
+  chunk = T if chunk <= 0 or chunk >= T or T % chunk else chunk
+
+  @jax.checkpoint
+  def terms(hc, tc):  # hc [B, c, d], tc [B, c]
+    logits = jnp.einsum("bcd,dv->bcv", hc, w_u, preferred_element_type=jnp.float32)
+    if V > vocab_size:
+      logits = jnp.where(jnp.arange(V) < vocab_size, logits, -1e30)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == tc).sum()
+    return (lse - tgt).sum(), correct
+
+  if chunk == T:
+    return terms(h, targets)
+  n = T // chunk
+  hs = h.reshape(B, n, chunk, d).swapaxes(0, 1)
+  ts = targets.reshape(B, n, chunk).swapaxes(0, 1)
+
+  def body(carry, xs):
+    ce, corr = terms(*xs)
+    return (carry[0] + ce, carry[1] + corr), None
+
+  (ce, correct), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hs, ts))
+  return ce, correct
+
+
+def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: int):
+  """tokens int[B, T+1] -> (mean CE, aux{"ce_sum", "correct", "n", "mlp_post"})."""
+  if dtype != jnp.float32:  # bf16 compute from fp32 master weights; the loss stays fp32
+    params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  model = nnx.merge(graphdef, params)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  h, posts = model(inputs)
+  ce_sum, correct = cross_entropy_terms(h, model.unembed_weight(), targets, vocab_size, loss_chunk)
+  n = targets.size
+  return ce_sum / n, {"ce_sum": ce_sum, "correct": correct, "n": n, "mlp_post": posts}
+
+
+def make_train_step(graphdef, tx, schedule, *, vocab_size: int, dtype: str, loss_chunk: int,
+                    token_bytes, inject_nan_step: int = -1):
+  """The LM training step: (state, batch) -> (state, metrics). Metrics are fp32 scalars."""
+  fwd = functools.partial(lm_forward, graphdef, vocab_size=vocab_size, dtype=DTYPES[dtype], loss_chunk=loss_chunk)
+
+  def train_step(state, batch):
+    tokens = batch["tokens"]
+
+    def loss_fn(params):
+      loss, aux = fwd(params, tokens)
+      if inject_nan_step > 0:  # test hook: a NaN loss (and gradients) in the update that makes step k
+        loss = loss * jnp.where(state["step"] + 1 == inject_nan_step, jnp.nan, 1.0)
+      return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.tree.norm(grads)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    n_bytes = token_bytes[tokens[:, 1:]].sum()
+    metrics = {
+        "loss": loss,
+        "accuracy": aux["correct"] / aux["n"],
+        "bits_per_byte": aux["ce_sum"] / jnp.log(2.0) / jnp.maximum(n_bytes, 1),
+        "grad_norm": grad_norm,
+        "lr": schedule(state["step"]),
+    }
+    new_state = dict(state, params=params, opt=opt, step=state["step"] + 1)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, *, vocab_size: int, dtype: str, loss_chunk: int, token_bytes):
+  """(params, batch) -> sums {"ce_sum", "correct", "tokens", "bytes"} to be added over batches."""
+  fwd = functools.partial(lm_forward, graphdef, vocab_size=vocab_size, dtype=DTYPES[dtype], loss_chunk=loss_chunk)
+
+  def eval_step(params, batch):
+    tokens = batch["tokens"]
+    _, aux = fwd(params, tokens)
+    return {"ce_sum": aux["ce_sum"], "correct": aux["correct"].astype(jnp.float32),
+            "tokens": jnp.float32(aux["n"]), "bytes": token_bytes[tokens[:, 1:]].sum().astype(jnp.float32)}
+
+  return eval_step
