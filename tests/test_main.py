@@ -13,18 +13,25 @@ def _run(args, tmp_path):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_main_reports_the_data_it_feeds(tiny_corpus, tmp_path):
+def test_main_reports_data_trains_and_writes_the_workdir(tiny_corpus, tmp_path):
   wd = tmp_path / "run"
   r = _run(["--config=configs/quickstart.py", f"--config.data.path={tiny_corpus}", "--config.data.tokenizer=bpe:400",
             f"--config.data.index_dir={tmp_path / 'idx'}", "--config.data.seq_len=16", "--config.data.global_batch=4",
-            "--config.preview_batches=3", f"--workdir={wd}"], tmp_path)
+            "--config.model.d_model=32", "--config.model.d_mlp=64", "--config.model.n_heads=2", "--config.model.d_head=16",
+            "--config.preview_batches=3", "--config.train.steps=4", "--config.train.log_every=2",
+            "--config.train.eval_every=2", "--config.train.eval_batches=1", f"--workdir={wd}"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stderr
   assert "Docs: Python" in out and "total" in out          # tokens per set
   assert "M tokens/s" in out                                # pipeline throughput
-  assert "int32[4, 17]" in out                              # what the model is fed
+  assert "step      4/4 | loss" in out and "tok/s | MFU" in out and "ETA" in out
+  assert "eval at step 4: loss" in out
   cfg = json.loads((wd / "config.json").read_text())
   assert cfg["data"]["seq_len"] == 16 and cfg["data"]["tokenizer"] == "bpe:400"
+  rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+  assert any("eval/loss" in r for r in rows)
+  assert (wd / "checkpoints" / "4").is_dir() and any((wd / "tb").iterdir())
 
 
 def test_unknown_override_is_rejected(tmp_path):

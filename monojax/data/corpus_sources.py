@@ -450,11 +450,11 @@ def _packed(items: Iterable[str], max_chars: int) -> Iterator[str]:
   """Packs short items (fortunes, dictionary entries) into documents of about max_chars."""
   buf, size = [], 0
   for item in items:
-    buf.append(item)
-    size += len(item) + 2
-    if size >= max_chars:
+    if buf and size + len(item) > max_chars:
       yield "\n\n".join(buf)
       buf, size = [], 0
+    buf.append(item)
+    size += len(item) + 2
   if buf:
     yield "\n\n".join(buf)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import grain
 import jax
@@ -41,12 +42,23 @@ class Checkpointer:
                                                               data=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as e:  # noqa: BLE001 — any failure to read a step means: try the one before
         older = steps[-i - 2] if i + 1 < len(steps) else None
+        aside = self._move_aside(step)
         self.log(f"checkpoint: step {step} in {self.directory} cannot be restored ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:200]}); " + (f"falling back to step {older}" if older is not None
-                                                         else "no older checkpoint: starting from scratch"))
+                 f"{str(e).splitlines()[0][:200]}); moved to {aside}; "
+                 + (f"falling back to step {older}" if older is not None else "no older checkpoint: starting from scratch"))
         continue
       return step, out["state"]
     return None
+
+  def _move_aside(self, step: int) -> str:
+    """Keeps an unrestorable step for inspection (nothing written is deleted) but out of the way
+    of the new save of the same step number."""
+    aside_root = self.directory + ".unrestorable"
+    os.makedirs(aside_root, exist_ok=True)
+    dest = os.path.join(aside_root, f"{step}-{int(time.time())}")
+    os.rename(os.path.join(self.directory, str(step)), dest)
+    self.mngr.reload()
+    return dest
 
   def wait(self) -> None:
     self.mngr.wait_until_finished()

@@ -1,0 +1,123 @@
+"""The training loop as a user runs it (subprocesses of the main entry): resume after kill -9 is
+bit-identical, SIGTERM saves and exits 0, NaN stops naming the step, a corrupt newest checkpoint
+falls back to the previous one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def base_args(tiny_corpus, tiny_tokenizer_path, tmp_path):
+  return ["--config=configs/quickstart.py", f"--config.data.path={tiny_corpus}",
+          f"--config.data.tokenizer={tiny_tokenizer_path}", f"--config.data.index_dir={tmp_path / 'idx'}",
+          "--config.model.d_model=32", "--config.model.d_mlp=64", "--config.model.n_heads=2", "--config.model.d_head=16",
+          "--config.data.seq_len=16", "--config.data.global_batch=4", "--config.preview_batches=0",
+          "--config.data.count_tokens=False", "--config.train.log_every=1", "--config.train.eval_every=0",
+          "--config.train.eval_batches=2", "--config.train.warmup_steps=2"]
+
+
+def _start(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  return subprocess.Popen([sys.executable, "-m", "monojax.main", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _run(args, timeout=180):
+  p = _start(args)
+  out, _ = p.communicate(timeout=timeout)
+  return p.returncode, out
+
+
+def _metrics(wd):
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  return {r["step"]: r for r in rows if "loss" in r}
+
+
+def _wait_for(pred, proc, timeout=120):
+  t0 = time.time()
+  while not pred():
+    if proc.poll() is not None:
+      raise AssertionError(f"process ended early:\n{proc.stdout.read()[-3000:]}")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.05)
+
+
+def test_resume_after_kill_9_is_bit_identical(base_args, tmp_path):
+  common = base_args + ["--config.train.steps=8", "--config.train.ckpt_every=4"]
+  straight = tmp_path / "straight"
+  rc, out = _run(common + [f"--workdir={straight}"])
+  assert rc == 0, out[-3000:]
+  ref = _metrics(straight)
+  assert sorted(ref) == list(range(1, 9))
+  assert (straight / "checkpoints" / "8").is_dir() and list((straight / "tb").iterdir())
+
+  killed = tmp_path / "killed"
+  p = _start(common + [f"--workdir={killed}", "--config.train.debug_step_delay_s=0.4"])
+  _wait_for(lambda: (killed / "checkpoints" / "4").is_dir() and os.path.exists(killed / "metrics.jsonl")
+            and max(_metrics(killed), default=0) >= 5, p)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not (killed / "checkpoints" / "8").exists()
+
+  rc, out = _run(common + [f"--workdir={killed}"])
+  assert rc == 0, out[-3000:]
+  assert "resumed from" in out and "at step 4" in out
+  got = _metrics(killed)
+  assert sorted(got) == list(range(1, 9))
+  for s in range(1, 9):  # bit-identical: JSON floats round-trip exactly
+    assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+    assert got[s]["grad_norm"] == ref[s]["grad_norm"]
+
+  rc, out = _run(common + [f"--workdir={killed}"])  # the same command again: nothing left to do
+  assert rc == 0 and "at step 8" in out
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_0(base_args, tmp_path):
+  wd = tmp_path / "pre"
+  p = _start(base_args + [f"--workdir={wd}", "--config.train.steps=1000", "--config.train.ckpt_every=1000",
+                          "--config.train.debug_step_delay_s=0.2"])
+  _wait_for(lambda: os.path.exists(wd / "metrics.jsonl") and max(_metrics(wd), default=0) >= 3, p)
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 0, out[-3000:]
+  assert "SIGTERM received" in out and "preempted" in out
+  saved = [int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 1000
+  rc, out = _run(base_args + [f"--workdir={wd}", f"--config.train.steps={saved[0] + 2}", "--config.train.ckpt_every=1000"])
+  assert rc == 0 and f"at step {saved[0]}" in out, out[-3000:]
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(base_args, tmp_path):
+  wd = tmp_path / "nan"
+  rc, out = _run(base_args + [f"--workdir={wd}", "--config.train.steps=10", "--config.train.ckpt_every=3",
+                              "--config.train.inject_nan_step=5"])
+  assert rc == 3, out[-3000:]
+  assert "non-finite training at step 5" in out and "Last good checkpoint: step 3" in out
+  assert "Traceback" not in out
+  assert sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()) == [3]
+  assert max(_metrics(wd)) == 4
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(base_args, tmp_path):
+  wd = tmp_path / "fb"
+  rc, out = _run(base_args + [f"--workdir={wd}", "--config.train.steps=6", "--config.train.ckpt_every=3"])
+  assert rc == 0, out[-3000:]
+  state_dir = wd / "checkpoints" / "6" / "state"
+  for root, _, files in os.walk(state_dir):  # corrupt every array file of the newest checkpoint
+    for f in files:
+      if "manifest" in f or f.startswith("d") or root.endswith("d"):
+        with open(os.path.join(root, f), "r+b") as fh:
+          fh.truncate(8)
+  rc, out = _run(base_args + [f"--workdir={wd}", "--config.train.steps=7", "--config.train.ckpt_every=3"])
+  assert rc == 0, out[-3000:]
+  assert "step 6" in out and "cannot be restored" in out and "falling back to step 3" in out
+  assert "resumed from" in out and "at step 3" in out
