@@ -22,29 +22,35 @@ def cross_entropy_terms(h, w_u, targets, vocab_size: int, chunk: int):
   """Sum of next-token cross-entropy (fp32, nats) and number of correct argmax predictions.
 
   h [B, T, d], w_u [d, V_padded], targets int[B, T]. Columns past `vocab_size` (padding) are masked.
+  Everything runs on flattened [N, d] rows (2-D GEMMs; measured 4x faster to differentiate than the
+  3-D einsum on CPU), and the target logit is h · w_u[:, target] (a gather of N columns, not a
+  gather from the [N, V] logits, whose backward is a slow scatter).
   """
   B, T, d = h.shape
   V = w_u.shape[1]
   chunk = T if chunk <= 0 or chunk >= T or T % chunk else chunk
+  pad_bias = jnp.where(jnp.arange(V) < vocab_size, 0.0, -1e30).astype(jnp.float32) if V > vocab_size else None
 
-  @jax.checkpoint
-  def terms(hc, tc):  # hc [B, c, d], tc [B, c]
-    logits = jnp.einsum("bcd,dv->bcv", hc, w_u, preferred_element_type=jnp.float32)
-    if V > vocab_size:
-      logits = jnp.where(jnp.arange(V) < vocab_size, logits, -1e30)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+  def terms(hc, tc):  # hc [M, d], tc [M]
+    logits = jnp.dot(hc, w_u, preferred_element_type=jnp.float32)
+    if pad_bias is not None:
+      logits = logits + pad_bias
+    row_max = jax.lax.stop_gradient(logits.max(axis=-1))
+    lse = row_max + jnp.log(jnp.exp(logits - row_max[:, None]).sum(-1))
+    tgt = jnp.sum(hc.astype(jnp.float32) * jnp.take(w_u.T, tc, axis=0).astype(jnp.float32), axis=-1)
     correct = (jnp.argmax(logits, axis=-1) == tc).sum()
     return (lse - tgt).sum(), correct
 
   if chunk == T:
-    return terms(h, targets)
+    return terms(h.reshape(B * T, d), targets.reshape(B * T))
   n = T // chunk
-  hs = h.reshape(B, n, chunk, d).swapaxes(0, 1)
-  ts = targets.reshape(B, n, chunk).swapaxes(0, 1)
+  # [B, n, c, d] -> [n, B*c, d]: every chunk keeps the whole (data-sharded) batch.
+  hs = h.reshape(B, n, chunk, d).swapaxes(0, 1).reshape(n, B * chunk, d)
+  ts = targets.reshape(B, n, chunk).swapaxes(0, 1).reshape(n, B * chunk)
+  chunk_terms = jax.checkpoint(terms)  # recompute each chunk's logits in the backward pass
 
   def body(carry, xs):
-    ce, corr = terms(*xs)
+    ce, corr = chunk_terms(*xs)
     return (carry[0] + ce, carry[1] + corr), None
 
   (ce, correct), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hs, ts))
