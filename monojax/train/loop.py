@@ -49,10 +49,12 @@ def _eval(eval_fn, params, cfg, tokenizer, root, mesh) -> dict:
                              host_batch=pipeline.host_batch_size(cfg.data.global_batch, jax.process_count()),
                              seed=0, process_index=jax.process_index(), process_count=jax.process_count(),
                              repeat=False)
-  totals, n = None, 0
+  totals, n, counts = None, 0, np.zeros((tokenizer.vocab_size,), np.int64)
   for batch in pipeline.to_global(it, mesh, prefetch=0):
     out = eval_fn(params, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    for shard in batch["tokens"].addressable_shards:  # this host's targets, for the unigram baseline
+      counts += np.bincount(np.asarray(shard.data)[:, 1:].reshape(-1), minlength=len(counts))
     n += 1
     if n >= cfg.train.eval_batches:
       break
@@ -60,8 +62,12 @@ def _eval(eval_fn, params, cfg, tokenizer, root, mesh) -> dict:
     raise errors.ConfigError(f"data.val_files: the validation split has fewer than one batch of "
                              f"{cfg.data.global_batch} x {cfg.data.seq_len + 1} tokens")
   t = jax.device_get(totals)
+  p = counts[counts > 0] / counts.sum()
+  # Entropy of the evaluated tokens' own unigram distribution: no unigram model can score below it.
+  unigram = float(-(p * np.log(p)).sum())
   return {"eval/loss": t["ce_sum"] / t["tokens"], "eval/accuracy": t["correct"] / t["tokens"],
-          "eval/bits_per_byte": t["ce_sum"] / math.log(2) / max(t["bytes"], 1.0), "eval/batches": n}
+          "eval/bits_per_byte": t["ce_sum"] / math.log(2) / max(t["bytes"], 1.0),
+          "eval/unigram_entropy": unigram, "eval/batches": n}
 
 
 def run(cfg, workdir: str, log=logging.info) -> dict:
@@ -173,7 +179,8 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
         writer.write(step, ev)
         last.update(ev)
         log(f"eval at step {step}: loss {ev['eval/loss']:.4f} | acc {ev['eval/accuracy']:.3f} | "
-            f"bits/byte {ev['eval/bits_per_byte']:.3f} ({ev['eval/batches']} batches)")
+            f"bits/byte {ev['eval/bits_per_byte']:.3f} | unigram entropy of these tokens "
+            f"{ev['eval/unigram_entropy']:.4f} ({ev['eval/batches']} batches)")
       if stop:
         log(f"preempted: checkpoint at step {step} saved in {ckpt.directory}; exiting")
         break
