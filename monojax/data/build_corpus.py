@@ -34,6 +34,7 @@ DEFAULT_CACHE = "~/.cache/monojax/sources"
 MANIFEST = "manifest.json"
 FORMAT = "monojax-corpus/1"
 VAL_PERCENT = 1
+ZSTD_LEVEL = 6  # ~4x faster to write than 10 for ~7% larger shards (45 vs 42 MB for the full mix)
 SHARD_TEXT_BYTES = 48_000_000  # a set with more (repeats included) gets several train shards
 MAX_REPEAT = 4
 # Target token shares by group (docs/corpus.md D.2); the 2% math slot has no source yet.
@@ -185,7 +186,7 @@ def _write_set(out: pathlib.Path, split: str, set_name: str, docs: list, repeat:
   for i, group in enumerate(groups):
     suffix = "" if len(groups) == 1 else f"-{i:02d}"
     rel = f"{split}/{set_slug(set_name)}{suffix}.jsonl.zst"
-    stats = pile_io.write_shard(out / rel, group)
+    stats = pile_io.write_shard(out / rel, group, level=ZSTD_LEVEL)
     shards.append({"path": rel, **stats, "sha256": _sha256_file(out / rel)})
   return shards
 
@@ -196,9 +197,8 @@ def _licenses_md(manifest: dict) -> str:
            "`/usr/share/doc/<package>/copyright` inside the .deb; PyPI archives in their metadata.", "",
            "| source | set | package | version | sha256 (archive) | licence |", "|---|---|---|---|---|---|"]
   for name, src in manifest["sources"].items():
-    for pkg in src["packages"]:
-      info = manifest["packages"][pkg]
-      lines.append(f"| {name} | {src['set']} | {pkg} ({info['kind']}) | {info['version']} | "
+    for info in src["packages"]:
+      lines.append(f"| {name} | {src['set']} | {info['name']} ({info['kind']}) | {info['version']} | "
                    f"`{info['sha256'][:16]}` | {info['licence']} |")
   if manifest["skipped"]:
     lines += ["", "Skipped:", ""] + [f"- {s['source']}: {s['reason']}" for s in manifest["skipped"]]
@@ -276,11 +276,13 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
     if missing:
       why = "; ".join(f"{m}: {failed.get(m, 'unavailable')}" for m in missing)
       skipped.append({"source": s.name, "reason": f"missing packages ({why})"})
-      log(f"skipped source {s.name}: missing {', '.join(missing)}")
     elif s.fallback_for and s.fallback_for in have:
       skipped.append({"source": s.name, "reason": f"fallback not needed: {s.fallback_for} is available"})
     else:
       runnable.append(s)
+  missing_sources = [x["source"] for x in skipped if x["reason"].startswith("missing")]
+  if missing_sources:
+    log(f"skipped {len(missing_sources)} sources whose packages are missing: {', '.join(missing_sources)}")
   if not runnable:
     raise RuntimeError(f"no corpus source could be obtained (cache {cache}): "
                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
@@ -315,7 +317,9 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
       if s.name not in set_sources[d[1]["pile_set_name"]]:
         set_sources[d[1]["pile_set_name"]].append(s.name)
     source_stats[s.name] = {
-        "set": s.set_name, "packages": [p.name for p in s.packages], "documents": len(kept),
+        "set": s.set_name, "licence": "; ".join(dict.fromkeys(p.licence for p in s.packages)),
+        "packages": [{k: infos[p.name][k] for k in ("name", "kind", "version", "sha256", "licence")}
+                     for p in s.packages], "documents": len(kept),
         "bytes": sum(len(t.encode("utf-8")) for t, _ in kept), "duplicates": len(r["docs"]) - len(kept),
         "dropped": dict(r["dropped"]), "seconds": round(r["seconds"], 2)}
   dropped["duplicate"] = dedup.duplicates
@@ -337,7 +341,7 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
     sets[name] = {
         "slug": set_slug(name), "group": set_group(name), "repeat": repeats[name],
         "sources": set_sources[name],
-        "packages": sorted({p for src in set_sources[name] for p in source_stats[src]["packages"]}),
+        "packages": sorted({p["name"] for src in set_sources[name] for p in source_stats[src]["packages"]}),
         "langs": dict(collections.Counter(m["lang"] for _, m in train + val).most_common()),
         "unique_train": {"documents": len(train), "bytes": train_bytes[name]},
         "train": {"documents": sum(x["documents"] for x in tr_shards), "bytes": sum(x["bytes"] for x in tr_shards),
@@ -367,7 +371,8 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
       "mixture": {g: {"target_share": TARGET_SHARES[g], "share": round(group_bytes[g] / max(1, train_total), 4)}
                   for g in TARGET_SHARES},
       "sets": sets, "sources": source_stats,
-      "packages": {n: i for n, i in sorted(infos.items()) if any(n in s["packages"] for s in source_stats.values())},
+      "packages": {n: i for n, i in sorted(infos.items())
+                   if any(n == p["name"] for s in source_stats.values() for p in s["packages"])},
       "skipped": skipped, "dropped": dict(dropped),
   }
   (tmp / "LICENSES.md").write_text(_licenses_md(manifest))

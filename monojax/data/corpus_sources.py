@@ -42,6 +42,7 @@ from monojax.data import text_clean as tc
 
 Doc = tuple[str, str, dict]
 MARKER = ".monojax.json"
+NO_APT = "apt-get not available"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +119,8 @@ def _unpack_deb_python(deb: pathlib.Path, dest: pathlib.Path):
 
 
 def _apt_download(names: list[str], debs: pathlib.Path) -> tuple[bool, str]:
-  proc = subprocess.run(["apt-get", "download", *names], cwd=debs, capture_output=True, text=True)
+  proc = subprocess.run(["apt-get", "download", "-o", "Acquire::http::Timeout=30", "-o", "Acquire::Retries=1", *names],
+                        cwd=debs, capture_output=True, text=True)
   errors = [l for l in proc.stderr.splitlines() if l.startswith("E:")]
   return proc.returncode == 0, (errors[-1] if errors else proc.stderr.strip()[-200:])
 
@@ -135,8 +137,8 @@ def _fetch_debs(pkgs: list[Package], cache: pathlib.Path, log) -> dict[str, str]
   missing = [p for p in pkgs if _newest_deb(debs, p.name) is None]
   failed: dict[str, str] = {}
   if missing and shutil.which("apt-get") is None:
-    log(f"apt-get not available: skipping {len(missing)} Debian packages ({', '.join(p.name for p in missing)})")
-    failed.update({p.name: "apt-get not available" for p in missing})
+    log(f"{NO_APT}: skipping {len(missing)} Debian packages ({', '.join(p.name for p in missing)})")
+    failed.update({p.name: NO_APT for p in missing})
     missing = []
   if missing:
     names = [p.name for p in missing]
@@ -169,6 +171,7 @@ def _fetch_debs(pkgs: list[Package], cache: pathlib.Path, log) -> dict[str, str]
         _unpack_deb_python(deb, tmp)
     except (subprocess.CalledProcessError, ValueError, tarfile.TarError) as e:
       shutil.rmtree(tmp, ignore_errors=True)
+      deb.unlink(missing_ok=True)  # a corrupt download must not be reused by the next run
       failed[pkg.name] = f"cannot unpack {deb.name}: {e}"
       continue
     version = urllib.parse.unquote(deb.name.split("_")[1])
@@ -196,7 +199,7 @@ def _fetch_pypi(pkg: Package, cache: pathlib.Path, log) -> str | None:
   if archive is None:
     log(f"pip download {pkg.spec} into {dl}")
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                           "-q", "-d", str(dl), *pkg.pip_args, pkg.spec], capture_output=True, text=True)
+                           "-q", "--timeout=30", "--retries=1", "-d", str(dl), *pkg.pip_args, pkg.spec], capture_output=True, text=True)
     archive = _pypi_archive(dl, pkg)
     if proc.returncode != 0 or archive is None:
       return (proc.stderr.strip().splitlines() or ["pip download failed"])[-1]
@@ -255,7 +258,8 @@ def fetch(packages: Iterable[Package], cache: pathlib.Path, log=print) -> tuple[
     if info is not None and pkg.name not in failed:
       infos[pkg.name] = dict(info, licence=pkg.licence)
   for name, why in failed.items():
-    log(f"skipped package {name}: {why}")
+    if why != NO_APT:  # that one was already said once for all packages
+      log(f"skipped package {name}: {why}")
   return infos, failed
 
 
@@ -461,7 +465,8 @@ def _packed(items: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def python_docs(root: pathlib.Path) -> Iterator[Doc]:
   pkg = root / "python3.11-doc"
-  for base in sorted(pkg.glob("usr/share/doc/python3*/html/_sources")):
+  bases = {p.resolve(): p for p in pkg.glob("usr/share/doc/python3*/html/_sources")}  # html/ is symlinked
+  for base in sorted(bases.values(), key=lambda p: (len(str(p)), str(p)))[:1]:
     for path in _files(base, "**/*.rst.txt"):
       rel = path.relative_to(base).as_posix()
       if rel != "whatsnew/changelog.rst.txt":  # a long list of issue numbers, not prose
@@ -568,10 +573,14 @@ def devils_dictionary(root: pathlib.Path) -> Iterator[Doc]:
 def bible_web(root: pathlib.Path) -> Iterator[Doc]:
   module = root / "sword-text-web/usr/share/sword/modules/texts/ztext/engWEB2015eb"
   for i, osis in enumerate(sword_ztext_books(module)):
-    m = re.search(r'<milestone n="([^"]+)" type="x-usfm-toc1"', osis)
-    name = m.group(1) if m else f"block{i}"
-    yield "Gutenberg (PG-19)", osis_to_text(osis), {"source": f"sword-text-web/engWEB2015eb/{name}",
-                                                    "lang": "en", "id": f"web/{i:02d}"}
+    # A block is mostly one book; a few also hold the next one (preface+Genesis, Daniel+Hosea).
+    parts = re.split(r'<milestone n="([^"]+)" type="x-usfm-toc1"/>', osis)
+    segments = [(None, parts[0])] + [(parts[k], parts[k + 1]) for k in range(1, len(parts), 2)]
+    for j, (name, seg) in enumerate(segments):
+      book = re.search(r'osisID="([A-Za-z0-9]+)\.', seg)
+      name = name or (book.group(1) if book else f"block{i}")
+      yield "Gutenberg (PG-19)", osis_to_text(seg), {"source": f"sword-text-web/engWEB2015eb/{name}",
+                                                     "lang": "en", "id": f"web/{i:03d}.{j}"}
 
 
 def _r_text_objects(data_dir: pathlib.Path, pkg: str) -> Iterator[Doc]:
@@ -711,7 +720,7 @@ def _deb(name: str, licence: str) -> Package:
 _PYDOC = Package("pydoc-topics", "local", "PSF-2.0",
                  files=lambda: [_stdlib_root() / "pydoc_data" / "topics.py"])
 _STDLIB = Package("cpython-stdlib", "local", "PSF-2.0", files=stdlib_files)
-_GENSIM = Package("gensim", "pypi", "LGPL-2.1 (package); Wikipedia text CC BY-SA 3.0", spec="gensim==4.4.0",
+_GENSIM = Package("gensim", "pypi", "LGPL-2.1 (gensim); Wikipedia text CC BY-SA 3.0; Lee corpus as shipped in gensim's test data", spec="gensim==4.4.0",
                   pip_args=("--only-binary=:all:", "--platform=manylinux_2_28_x86_64", "--python-version=3.11",
                             "--implementation=cp", "--abi=cp311"),
                   members=(WIKI_DUMP, LEE_CORPUS))
