@@ -27,7 +27,9 @@ def base_config() -> config_dict.ConfigDict:
   d.device_prefetch = 2            # global batches prepared ahead on a thread
   d.index_dir = "~/.cache/monojax/text_index"  # raw reader's document index cache (and BPE/token-count caches)
   d.tfds_dir = "~/.cache/monojax/tfds"         # where format="tfds" writes packed windows
-  d.count_tokens = True            # print tokens per set at start (cached; estimated past 256 MB per file)
+  d.count_tokens = True            # print tokens per set at start (cached)
+  d.count_tokens_mb_per_file = 4   # tokenize this much of each file for the count; the rest is extrapolated ("~")
+  d.bpe_train_mb = 32              # "bpe:<vocab>" trains on this many MB of documents spread over the train split
 
   md = c.model = config_dict.ConfigDict()  # the paper's one-layer model (unknowns: see BUILD_NOTES.md)
   md.d_model = 128                 # residual stream width

@@ -67,15 +67,25 @@ def get_tokenizer(data_cfg, root: str, log=logging.info) -> tokenizer_lib.TextTo
     except ValueError:
       raise errors.ConfigError(f"data.tokenizer: expected 'bpe:<vocab size>', got {spec!r}") from None
     src = text_source(data_cfg, root, "train", log)
-    path = os.path.join(src.dir, f"bpe-{vocab}.tokenizer.json")
+    path = os.path.join(src.dir, f"bpe-{vocab}-{data_cfg.bpe_train_mb}mb.tokenizer.json")
     if not os.path.exists(path):
       import time
       t0 = time.time()
-      tokenizer_lib.train_bpe((src[i] for i in range(len(src))), vocab, path)
-      log(f"data: trained byte-level BPE with vocab {vocab} on {len(src):,} documents in "
-          f"{time.time() - t0:.1f}s -> {path}")
+      docs = _spread_sample(src, int(data_cfg.bpe_train_mb * 2**20))
+      tokenizer_lib.train_bpe((src[i] for i in docs), vocab, path)
+      log(f"data: trained byte-level BPE with vocab {vocab} on {len(docs):,} of {len(src):,} documents "
+          f"(≤ {data_cfg.bpe_train_mb} MB spread over the split) in {time.time() - t0:.1f}s -> {path}")
     spec = path
   return tokenizer_lib.TextTokenizer(spec, max_chunk_chars=data_cfg.max_chunk_chars)
+
+
+def _spread_sample(src: sources.JsonlZstSource, max_bytes: int) -> list[int]:
+  """Document indices spread evenly over the source (every set represented) up to max_bytes."""
+  sizes = np.diff(np.asarray(src.offsets))
+  total = int(sizes.sum())
+  if total <= max_bytes:
+    return list(range(len(src)))
+  return list(range(0, len(src), -(-total // max_bytes)))  # every k-th document: ≈ max_bytes in all
 
 
 @dataclasses.dataclass(frozen=True)
