@@ -13,4 +13,12 @@ def get_config():
   c.data.tokenizer = "bpe:8192"
   c.data.seq_len = 128
   c.data.global_batch = 32
+  c.train.steps = 1000
+  c.train.lr = 3e-3
+  # One 8x SAE (4,096 features, 2023 recipe) co-trained in the same step once the LM has warmed up.
+  c.sae.saes = "4096:0.004:2023"
+  c.sae.start_step = 300
+  c.sae.positions_per_context = 128   # all 128 positions of 32 contexts = one SAE batch of 4,096 per step
+  c.sae.batch_size = 4096
+  c.sae.lr = 1e-3                     # ~700 SAE updates on CPU, not the paper's 1M: a higher lr
   return c

@@ -15,4 +15,16 @@ def get_config():
   c.data.global_batch = 256
   c.data.workers = 2
   c.data.count_tokens = False         # the real Pile is ~300B tokens; counting it is not worth hours
+  c.train.steps = 200_000
+  c.train.warmup_steps = 2_000
+  c.train.eval_every = 5_000
+  c.train.ckpt_every = 5_000
+  c.train.loss_chunk = 64             # never materialise [batch x 256 x 50k] logits
+  c.train.dtype = "bfloat16"          # fp32 master weights, fp32 loss
+  # The paper's A/1 dictionary: 4,096 features, λ 0.004, batch 8,192, 2023 recipe.
+  c.sae.saes = "4096:0.004:2023"
+  c.sae.batch_size = 8192
+  c.sae.start_step = 100_000          # co-train on the second half (frozen-LM protocol: configs/sae.py)
+  c.sae.positions_per_context = 128   # 256 contexts x 128 = 32,768 vectors = 4 SAE batches per step
+  c.sae.buffer_steps = 16
   return c

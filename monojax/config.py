@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
+from monojax.sae.config import sae_config
+
 
 def base_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.name = "base"                  # run name, used in logs and as the default workdir runs/<name>
+  c.mode = "cotrain"               # "lm" (LM only) | "cotrain" (LM + SAEs in one step) | "frozen" (SAEs on a
+                                   # finished LM: see lm_checkpoint) | "toy" (configs/toy.py)
+  c.lm_checkpoint = ""             # frozen mode: workdir of the finished LM run (config.json + checkpoints/)
   c.seed = 0                       # model initialisation seed; models A and B of the paper are seeds 0 and 1
 
   d = c.data = config_dict.ConfigDict()
@@ -71,6 +76,13 @@ def base_config() -> config_dict.ConfigDict:
   dist.num_processes = 0           # 0 = from the environment
   dist.process_id = -1             # -1 = from the environment
   dist.local_device_ids = ""       # comma-separated, optional
+
+  s = c.sae = sae_config()         # SAE recipes and sizes: fields documented in monojax/sae/config.py
+  s.layer = 0                      # which block's MLP post-ReLU activations feed the SAEs
+  s.start_step = 0                 # LM steps before activations are sampled (lets the LM warm up first)
+  s.positions_per_context = 128    # positions sampled per context per step (paper: 250 of each context)
+  s.buffer_steps = 8               # mixing-buffer capacity, in steps of sampled vectors (a batch mixes ~this many steps)
+  s.init_inputs = 65_536           # buffered activations used for the geometric-median / input-scale init
 
   m = c.mesh = config_dict.ConfigDict()
   m.shape = (-1, 1)                # (data, model); -1 takes the remaining devices

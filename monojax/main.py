@@ -60,14 +60,19 @@ def _main(argv):
     log_path = "(process 0 writes it)"
   logging.info(f"monojax: config {cfg.name}, workdir {workdir}, config written to {log_path}; "
                f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  if cfg.mode == "toy":
+    from monojax.sae import toy
+    toy.run_toy(cfg, workdir, log=logging.info)
+    return
   try:
     last = loop.run(cfg, workdir)
   except loop.TrainingDiverged as e:
     print(f"monojax: {e}", file=sys.stderr)
     sys.exit(3)
   if last:
-    logging.info("monojax: done. " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())
-                                               if isinstance(v, float)))
+    keys = ["loss", "eval/loss", "eval/unigram_entropy", "eval/bits_per_byte"]
+    keys += sorted(k for k in last if k.endswith("_eval/loss_recovered") or k.endswith("_eval/l0"))
+    logging.info(f"monojax: done in {workdir}. " + ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last))
 
 
 def _setup_logging(argv):

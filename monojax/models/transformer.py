@@ -93,9 +93,12 @@ class MLP(nnx.Module):
     self.W_out = nnx.Param(_normal(rngs, (d_mlp, d_model), out_std))
     self.b_out = nnx.Param(jnp.zeros((d_model,), jnp.float32))
 
-  def __call__(self, x):
+  def __call__(self, x, replace=None):
     post = jax.nn.relu(x @ self.W_in[...] + self.b_in[...])   # the tap: MLP post-ReLU activations
-    return post @ self.W_out[...] + self.b_out[...], post
+    tapped = post
+    if replace is not None:  # intervention: e.g. the SAE reconstruction, zeros, a clamped feature
+      post = replace(post).astype(post.dtype)
+    return post @ self.W_out[...] + self.b_out[...], tapped
 
 
 class Block(nnx.Module):
@@ -106,9 +109,9 @@ class Block(nnx.Module):
     self.ln2 = LayerNorm(cfg.d_model)
     self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.init_std, out_std, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, replace=None):
     x = x + self.attn(self.ln1(x))
-    out, post = self.mlp(self.ln2(x))
+    out, post = self.mlp(self.ln2(x), replace)
     return x + out, post
 
 
@@ -128,8 +131,12 @@ class Transformer(nnx.Module):
     if not self.tied:
       self.W_U = nnx.Param(_normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std))
 
-  def __call__(self, tokens):
-    """tokens int[B, T] -> (final normalised residual [B, T, d_model], [MLP post-ReLU [B, T, d_mlp] per layer])."""
+  def __call__(self, tokens, mlp_replace=None):
+    """tokens int[B, T] -> (final normalised residual [B, T, d_model], [MLP post-ReLU [B, T, d_mlp] per layer]).
+
+    mlp_replace: optional {layer: fn(post [B, T, d_mlp]) -> replacement}; the tapped activations
+    returned are always the model's own (before replacement).
+    """
     x = jnp.take(self.W_E[...], tokens, axis=0)
     if hasattr(self, "W_pos"):
       T = tokens.shape[1]
@@ -137,8 +144,8 @@ class Transformer(nnx.Module):
         raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.W_pos.shape[0]}")
       x = x + self.W_pos[...][:T]
     posts = []
-    for block in self.blocks:
-      x, post = block(x)
+    for i, block in enumerate(self.blocks):
+      x, post = block(x, (mlp_replace or {}).get(i))
       posts.append(post)
     return self.ln_final(x), posts
 

@@ -60,6 +60,24 @@ class Checkpointer:
     self.mngr.reload()
     return dest
 
+  def restore_params(self, params_template):
+    """(step, params) of the newest restorable step, placed like `params_template` (a frozen-LM run
+    reads only the parameters; the saved state may also hold an optimizer, SAEs and a buffer)."""
+    for step in reversed(self.steps()):
+      try:
+        out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      except Exception as e:  # noqa: BLE001
+        self.log(f"checkpoint: step {step} in {self.directory} cannot be read ({type(e).__name__}); trying older")
+        continue
+      saved = jax.tree.leaves(out["state"]["params"])
+      template, treedef = jax.tree.flatten(params_template)
+      shapes = [tuple(x.shape) for x in saved], [tuple(x.shape) for x in template]
+      if shapes[0] != shapes[1]:
+        raise ValueError(f"lm_checkpoint: parameters in {self.directory} step {step} do not match the configured "
+                         f"model (shapes {shapes[0][:4]}... vs {shapes[1][:4]}...)")
+      return step, jax.tree.unflatten(treedef, [jax.device_put(s, t.sharding) for s, t in zip(saved, template)])
+    return None
+
   def wait(self) -> None:
     self.mngr.wait_until_finished()
 

@@ -57,26 +57,29 @@ def cross_entropy_terms(h, w_u, targets, vocab_size: int, chunk: int):
   return ce, correct
 
 
-def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: int):
-  """tokens int[B, T+1] -> (mean CE, aux{"ce_sum", "correct", "n", "mlp_post"})."""
+def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: int, mlp_replace=None):
+  """tokens int[B, T+1] -> (mean CE, aux{"ce_sum", "correct", "n", "mlp_post"}).
+
+  mlp_replace: {layer: fn(post) -> replacement} spliced into the forward pass (loss recovered)."""
   if dtype != jnp.float32:  # bf16 compute from fp32 master weights; the loss stays fp32
     params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
   model = nnx.merge(graphdef, params)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  h, posts = model(inputs)
+  h, posts = model(inputs, mlp_replace)
   ce_sum, correct = cross_entropy_terms(h, model.unembed_weight(), targets, vocab_size, loss_chunk)
   n = targets.size
   return ce_sum / n, {"ce_sum": ce_sum, "correct": correct, "n": n, "mlp_post": posts}
 
 
-def make_train_step(graphdef, tx, schedule, *, vocab_size: int, dtype: str, loss_chunk: int,
-                    token_bytes, inject_nan_step: int = -1):
-  """The LM training step: (state, batch) -> (state, metrics). Metrics are fp32 scalars."""
+def make_lm_update(graphdef, tx, schedule, *, vocab_size: int, dtype: str, loss_chunk: int, token_bytes,
+                   inject_nan_step: int = -1):
+  """(state, tokens) -> (state with new params/opt/step, metrics, MLP post-ReLU activations per layer).
+
+  The activations come out of the same forward pass as the loss (has_aux), so co-training the SAE
+  costs no second LM forward."""
   fwd = functools.partial(lm_forward, graphdef, vocab_size=vocab_size, dtype=DTYPES[dtype], loss_chunk=loss_chunk)
 
-  def train_step(state, batch):
-    tokens = batch["tokens"]
-
+  def lm_update(state, tokens):
     def loss_fn(params):
       loss, aux = fwd(params, tokens)
       if inject_nan_step > 0:  # test hook: a NaN loss (and gradients) in the update that makes step k
@@ -87,15 +90,39 @@ def make_train_step(graphdef, tx, schedule, *, vocab_size: int, dtype: str, loss
     grad_norm = optax.tree.norm(grads)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    n_bytes = token_bytes[tokens[:, 1:]].sum()
-    metrics = {
-        "loss": loss,
-        "accuracy": aux["correct"] / aux["n"],
-        "bits_per_byte": aux["ce_sum"] / jnp.log(2.0) / jnp.maximum(n_bytes, 1),
-        "grad_norm": grad_norm,
-        "lr": schedule(state["step"]),
-    }
+    metrics = _lm_metrics(loss, aux, tokens, token_bytes)
+    metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]))
     new_state = dict(state, params=params, opt=opt, step=state["step"] + 1)
+    return new_state, metrics, aux["mlp_post"]
+
+  return lm_update
+
+
+def make_lm_forward_only(graphdef, *, vocab_size: int, dtype: str, loss_chunk: int, token_bytes):
+  """The frozen-LM variant of make_lm_update: no gradient, no parameter change; step += 1."""
+  fwd = functools.partial(lm_forward, graphdef, vocab_size=vocab_size, dtype=DTYPES[dtype], loss_chunk=loss_chunk)
+
+  def lm_forward_only(state, tokens):
+    loss, aux = fwd(state["params"], tokens)
+    metrics = _lm_metrics(loss, aux, tokens, token_bytes)
+    metrics.update(grad_norm=jnp.zeros((), jnp.float32), lr=jnp.zeros((), jnp.float32))
+    return dict(state, step=state["step"] + 1), metrics, aux["mlp_post"]
+
+  return lm_forward_only
+
+
+def _lm_metrics(loss, aux, tokens, token_bytes) -> dict:
+  n_bytes = token_bytes[tokens[:, 1:]].sum()
+  return {"loss": loss, "accuracy": aux["correct"] / aux["n"],
+          "bits_per_byte": aux["ce_sum"] / jnp.log(2.0) / jnp.maximum(n_bytes, 1)}
+
+
+def make_train_step(graphdef, tx, schedule, **kw):
+  """The LM training step: (state, batch) -> (state, metrics). Metrics are fp32 scalars."""
+  lm_update = make_lm_update(graphdef, tx, schedule, **kw)
+
+  def train_step(state, batch):
+    new_state, metrics, _ = lm_update(state, batch["tokens"])
     return new_state, metrics
 
   return train_step

@@ -1,0 +1,372 @@
+"""SAE core: specs and groups, state init, the pure batched update, resampling entry points,
+encode/decode for analysis, and shardings. Recipe rules live in recipes.py.
+
+Groups. SAEs with equal (width, recipe) are stacked on a leading member axis S and updated by one
+vmapped function on the same batch, so a λ sweep costs one batched update (anchors-sae §1 item 3).
+
+State (a plain pytree of arrays; the update is pure and jittable):
+  {"groups": {group_key: {"params": {W_e [S,d,m], b_e [S,m], W_d [S,m,d], b_d [S,d]},
+                          "opt": optax chain state (Adam moments shaped like params),
+                          "last_fired": int32[S,m]   value of "step" after the last update in which
+                                                     the feature fired (0 at init),
+                          "fired_count": int32[S,m]  firings in the current density window,
+                          "fired_count_last": int32[S,m]  firings in the last complete window}},
+   "input_scale": f32      the constant with E‖c·x‖ = √n on the init sample (applied by the 2024
+                           and topk groups only; 2023 groups see raw activations),
+   "step": int32           SAE updates done,
+   "density_tokens", "density_tokens_last": int32  tokens behind fired_count / fired_count_last}
+`state["groups"]` is a dict, not a list: its keys ("g0_2023_w4096_s0_2", "g1_topk_w512_s1_k32")
+name each group's recipe, members and k, so encode/reconstruct find an SAE from the state alone,
+also inside jit (dict keys are static pytree structure) and after an orbax restore.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from monojax import errors, sharding
+from monojax.sae import metrics as metrics_lib, recipes, resample as resample_lib
+
+F32 = jnp.float32
+METRIC_NAMES = ("loss", "mse", "fvu", "l0", "l1", "recon", "sparsity", "aux_k", "grad_norm", "lr", "l1_coef",
+                "dead_frac")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAESpec:
+  width: int
+  l1: float
+  recipe: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """SAEs sharing (width, recipe), stacked on a leading axis; hashable (a static jit argument)."""
+  index: int
+  width: int
+  recipe: str
+  members: tuple[int, ...]   # indices into the spec list, in stacking order
+  l1s: tuple[float, ...]     # each member's λ
+
+  @property
+  def size(self) -> int:
+    return len(self.members)
+
+  def key(self, sae_cfg) -> str:
+    """This group's key in state["groups"] (topk's k is part of it: encode needs it statically)."""
+    key = f"g{self.index}_{self.recipe}_w{self.width}_s" + "_".join(map(str, self.members))
+    return key + (f"_k{int(sae_cfg.topk_k)}" if self.recipe == "topk" else "")
+
+
+_KEY_RE = re.compile(r"^g(\d+)_(2023|2024|topk)_w(\d+)_s(\d+(?:_\d+)*)(?:_k(\d+))?$")
+
+
+def parse_specs(saes: str) -> list[SAESpec]:
+  """"4096:0.004:2023,4096::2024,512:0:topk" -> [SAESpec, ...] (empty l1: the recipe default)."""
+  specs = []
+  for item in (part.strip() for part in str(saes).split(",")):
+    if not item:
+      continue
+    fields = [f.strip() for f in item.split(":")]
+    if len(fields) != 3:
+      raise errors.ConfigError(f"sae.saes: {item!r} is not width:l1:recipe (e.g. 4096:0.004:2023)")
+    width_s, l1_s, name = fields
+    recipes.get(name)
+    try:
+      width = int(width_s)
+      l1 = recipes.DEFAULT_L1[name] if l1_s == "" else float(l1_s)
+    except ValueError:
+      raise errors.ConfigError(f"sae.saes: {item!r}: width must be an integer and l1 a number") from None
+    if width <= 0 or l1 < 0:
+      raise errors.ConfigError(f"sae.saes: {item!r}: width must be positive and l1 non-negative")
+    if name == "topk" and l1 != 0:
+      raise errors.ConfigError(f"sae.saes: {item!r}: topk has no l1 (its sparsity is sae.topk_k); write 0")
+    specs.append(SAESpec(width, l1, name))
+  if not specs:
+    raise errors.ConfigError("sae.saes is empty: give at least one width:l1:recipe")
+  return specs
+
+
+def make_groups(specs) -> list[Group]:
+  """Stacks specs with equal (width, recipe) into one group, in order of first appearance."""
+  members: dict[tuple[int, str], list[int]] = {}
+  for i, spec in enumerate(specs):
+    members.setdefault((spec.width, spec.recipe), []).append(i)
+  return [Group(gi, width, name, tuple(idx), tuple(float(specs[i].l1) for i in idx))
+          for gi, ((width, name), idx) in enumerate(members.items())]
+
+
+def groups_from_config(sae_cfg) -> list[Group]:
+  return make_groups(parse_specs(sae_cfg.saes))
+
+
+def n_saes(groups) -> int:
+  return sum(g.size for g in groups)
+
+
+# ------------------------------------------------------------------------------------------- init
+
+def init_state(sae_cfg, d_in: int, key, sample_acts, total_steps: int) -> dict:
+  """Fresh state for every SAE in sae_cfg.saes. sample_acts [N, d_in] (any float dtype) sets the
+  2023/topk pre-encoder bias (geometric median, §3.1) and the input scale (§4.2). Member i of the
+  spec list is drawn by numpy from (key data, i), so a member's init does not depend on its group."""
+  if int(total_steps) <= 0:
+    raise errors.ConfigError(f"SAE total_steps must be positive, got {total_steps}")
+  groups = tuple(groups_from_config(sae_cfg))
+  x = jnp.asarray(sample_acts).astype(F32)
+  if x.ndim != 2 or x.shape[1] != d_in:
+    raise ValueError(f"sample_acts must be [N, {d_in}], got {x.shape}")
+  scale = recipes.input_scale(x)
+  needs_median = any(recipes.get(g.recipe).pre_bias for g in groups)
+  median = np.asarray(recipes.geometric_median(x)) if needs_median else np.zeros((d_in,), np.float32)
+  seed = [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()]
+  groups_state = {}
+  for g in groups:
+    recipe = recipes.get(g.recipe)
+    # The median of c·x is c·median(x): scaled recipes get their b_d in the units they train in.
+    b_d0 = median * (float(scale) if recipe.scales_input else 1.0)
+    members = [recipes.init_params(recipe, sae_cfg, np.random.default_rng([*seed, i]), d_in, g.width, b_d0)
+               for i in g.members]
+    params = {name: jnp.asarray(np.stack([p[name] for p in members])) for name in members[0]}
+    groups_state[g.key(sae_cfg)] = {
+        "params": params,
+        "opt": _opt_init(recipe.name, frozen(sae_cfg), params),
+        # Separate buffers (not one zeros array thrice): the update donates the state.
+        "last_fired": jnp.zeros((g.size, g.width), jnp.int32),
+        "fired_count": jnp.zeros((g.size, g.width), jnp.int32),
+        "fired_count_last": jnp.zeros((g.size, g.width), jnp.int32),
+    }
+  return {"groups": groups_state, "input_scale": scale, "step": jnp.zeros((), jnp.int32),
+          "density_tokens": jnp.zeros((), jnp.int32), "density_tokens_last": jnp.zeros((), jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _opt_init(recipe_name, sae_cfg, params):
+  return jax.vmap(recipes.optimizer(recipes.get(recipe_name), sae_cfg).init)(params)
+
+
+def frozen(sae_cfg) -> ml_collections.FrozenConfigDict:
+  """A hashable copy of the sae config: a static jit argument, so equal configs share programs."""
+  return sae_cfg if isinstance(sae_cfg, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(sae_cfg)
+
+
+# ----------------------------------------------------------------------------------------- update
+
+def dead_mask(sae_cfg, total_steps: int, step, last_fired):
+  """True where a feature has not fired in the last dead_window·T updates (§3.5 step 1)."""
+  return (step - last_fired) >= recipes.window_steps(sae_cfg.dead_window, total_steps)
+
+
+def update(sae_cfg, groups_static, total_steps, state, acts, key):
+  """One optimizer step for every SAE on acts [B, d_in] (cast to fp32). Pure; jit it with
+  `functools.partial(update, sae_cfg, groups, total_steps)` and donate the state (or use
+  `make_update_fn`). `key` is accepted for recipes with noise; the three here are deterministic.
+  Returns (state, metrics): each metric an fp32 array [n_saes] in spec order (METRIC_NAMES; mse,
+  fvu, l0, l1 in the original activation units and reported feature activations)."""
+  del key
+  x = jnp.asarray(acts).astype(F32)
+  step = state["step"]
+  dead_steps = recipes.window_steps(sae_cfg.dead_window, total_steps)
+  # int32 firing counts: a window may hold at most 2^31 - 1 tokens.
+  window = min(recipes.window_steps(sae_cfg.density_window, total_steps), (2**31 - 1) // x.shape[0])
+  new_window = (step > 0) & (step % window == 0)
+  new_groups, per_group = {}, []
+  for g in groups_static:
+    gkey = g.key(sae_cfg)
+    if gkey not in state["groups"]:
+      raise KeyError(f"SAE group {gkey!r} is not in the state (have {sorted(state['groups'])}); "
+                     "was the state made from a different sae.saes?")
+    group_state = state["groups"][gkey]
+    new_groups[gkey], values = _update_group(sae_cfg, g, total_steps, group_state, x, state["input_scale"], step,
+                                             dead_steps, new_window)
+    per_group.append((g.members, values))
+  order = np.argsort(np.concatenate([np.asarray(m) for m, _ in per_group]))
+  metrics = {name: jnp.concatenate([v[name] for _, v in per_group])[order] for name in METRIC_NAMES}
+  tokens = jnp.int32(x.shape[0])
+  new_state = dict(
+      state, groups=new_groups, step=step + 1,
+      density_tokens=jnp.where(new_window, 0, state["density_tokens"]) + tokens,
+      density_tokens_last=jnp.where(new_window, state["density_tokens"], state["density_tokens_last"]))
+  return new_state, metrics
+
+
+def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, step, dead_steps, new_window):
+  recipe = recipes.get(g.recipe)
+  scale = input_scale if recipe.scales_input else jnp.ones((), F32)
+  x_in = x * scale
+  tx = recipes.optimizer(recipe, sae_cfg)
+  lr = recipes.lr_at(recipe, sae_cfg, step, total_steps)
+  l1_coefs = jnp.asarray(g.l1s, F32) * recipes.l1_factor_at(recipe, sae_cfg, step, total_steps)
+  dead_before = (step - group_state["last_fired"]) >= dead_steps
+  loss_fn = functools.partial(recipes.loss, recipe, sae_cfg)
+
+  def member(params, opt, l1_coef, dead):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)(params, x_in, l1_coef, dead)
+    grad_norm = optax.tree.norm(grads)
+    if recipe.unit_norm_decoder:
+      grads = dict(grads, W_d=recipes.project_out_parallel(params["W_d"], grads["W_d"]))
+    updates, opt = tx.update(grads, opt, params)
+    new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+    if recipe.unit_norm_decoder:  # a unit row plus a perpendicular step is no longer unit (§3.2)
+      new_params["W_d"] = recipes.unit_rows(new_params["W_d"])
+    f, x_hat = aux["f"], aux["x_hat"]
+    fired = f > 0
+    values = metrics_lib.batch_metrics(x, x_hat / scale, f * recipes.reported_factor(recipe, params, scale))
+    values.update(loss=loss, recon=aux["recon"], sparsity=aux["sparsity"], aux_k=aux["aux_k"], grad_norm=grad_norm)
+    return new_params, opt, fired.any(0), fired.sum(0, dtype=jnp.int32), values
+
+  params, opt, fired_any, fired_sum, values = jax.vmap(member)(group_state["params"], group_state["opt"], l1_coefs,
+                                                               dead_before)
+  last_fired = jnp.where(fired_any, step + 1, group_state["last_fired"])
+  fired_count = group_state["fired_count"]
+  new_group = {
+      "params": params, "opt": opt, "last_fired": last_fired,
+      "fired_count": jnp.where(new_window, 0, fired_count) + fired_sum,
+      "fired_count_last": jnp.where(new_window, fired_count, group_state["fired_count_last"]),
+  }
+  values.update(lr=jnp.broadcast_to(lr, (g.size,)), l1_coef=l1_coefs,
+                dead_frac=((step + 1 - last_fired) >= dead_steps).mean(-1, dtype=F32))
+  return new_group, {k: jnp.asarray(v, F32) for k, v in values.items()}
+
+
+_update_donating = jax.jit(update, static_argnums=(0, 1, 2), donate_argnums=(3,))
+_update_keeping = jax.jit(update, static_argnums=(0, 1, 2))
+
+
+def make_update_fn(sae_cfg, groups, total_steps: int, *, donate: bool = True):
+  """(state, acts, key) -> (state, metrics): `update` jitted with the config, groups and run length
+  static (equal configs share one compiled program) and the state donated. Shardings follow the
+  inputs: device_put the state with `shardings(state, mesh)` and the batch on "data"."""
+  fn = _update_donating if donate else _update_keeping
+  return functools.partial(fn, frozen(sae_cfg), tuple(groups), int(total_steps))
+
+
+# ------------------------------------------------------------------------------------- resampling
+
+def resample_steps(sae_cfg, total_steps: int) -> list[int]:
+  """Values of state["step"] after which the loop calls maybe_resample: resample_at fractions of
+  the run (§3.5: 25k/50k/75k/100k of 1M), strictly inside it; [] when no SAE is a 2023 one."""
+  if not any(recipes.get(s.recipe).resamples for s in parse_specs(sae_cfg.saes)):
+    return []
+  steps = {int(round(float(f) * int(total_steps))) for f in sae_cfg.resample_at}
+  return sorted(s for s in steps if 0 < s < int(total_steps))
+
+
+def maybe_resample(sae_cfg, groups_static, state, sample_acts, key, total_steps):
+  """Resamples the dead features of every 2023 SAE (§3.5; details in resample.py); other groups
+  and every entry of live features are left bit-for-bit unchanged. sample_acts [N, d_in]: the loss
+  sample (the first resample_inputs rows are used). Jittable. Returns (state, info) with info
+  {"dead", "resampled"}: int32 [n_saes] (0 for SAEs of other recipes)."""
+  xs = jnp.asarray(sample_acts).astype(F32)[: int(sae_cfg.resample_inputs)]
+  step = state["step"]
+  new_groups = dict(state["groups"])
+  per_group = []
+  for g in groups_static:
+    gkey = g.key(sae_cfg)
+    recipe = recipes.get(g.recipe)
+    if not recipe.resamples:
+      per_group.append((g.members, jnp.zeros((g.size,), jnp.int32), jnp.zeros((g.size,), jnp.int32)))
+      continue
+    group_state = state["groups"][gkey]
+    dead = dead_mask(sae_cfg, total_steps, step, group_state["last_fired"])
+    new_groups[gkey], n_resampled = resample_lib.resample_group(
+        recipe, sae_cfg, group_state, dead, xs, step, jax.random.fold_in(key, g.index))
+    per_group.append((g.members, dead.sum(-1, dtype=jnp.int32), n_resampled))
+  order = np.argsort(np.concatenate([np.asarray(m) for m, _, _ in per_group]))
+  info = {"dead": jnp.concatenate([d for _, d, _ in per_group])[order],
+          "resampled": jnp.concatenate([r for _, _, r in per_group])[order]}
+  return dict(state, groups=new_groups), info
+
+
+_resample_donating = jax.jit(maybe_resample, static_argnums=(0, 1, 5), donate_argnums=(2,))
+
+
+def make_resample_fn(sae_cfg, groups, total_steps: int):
+  """(state, sample_acts, key) -> (state, info): `maybe_resample` jitted, the state donated."""
+  fn = functools.partial(_resample_donating, frozen(sae_cfg), tuple(groups))
+  return lambda state, sample_acts, key: fn(state, sample_acts, key, int(total_steps))
+
+
+# --------------------------------------------------------------------------- analysis entry points
+
+def locate(state, sae_index: int):
+  """(group key, member index, Recipe, topk k) of spec entry `sae_index`, from the state's keys."""
+  for gkey in state["groups"]:
+    match = _KEY_RE.match(gkey)
+    if match is None:
+      raise KeyError(f"not an SAE group key: {gkey!r}")
+    members = [int(v) for v in match.group(4).split("_")]
+    if sae_index in members:
+      return gkey, members.index(sae_index), recipes.get(match.group(2)), int(match.group(5) or 0)
+  raise IndexError(f"no SAE {sae_index} in this state")
+
+
+def member_params(state, sae_index: int) -> dict:
+  gkey, j, _, _ = locate(state, sae_index)
+  return jax.tree.map(lambda a: a[j], state["groups"][gkey]["params"])
+
+
+def _encode_parts(state, sae_index, acts):
+  _, _, recipe, k = locate(state, sae_index)
+  params = member_params(state, sae_index)
+  scale = state["input_scale"] if recipe.scales_input else jnp.ones((), F32)
+  _, f, x_hat = recipes.forward(recipe, params, jnp.asarray(acts).astype(F32) * scale, k)
+  return recipe, params, scale, f, x_hat
+
+
+def encode(state, sae_index: int, acts):
+  """Feature activations [B, m] as the recipe reports them, in the original input units (2023:
+  f_i; 2024: f_i·‖W_d,i‖ with the input scale folded back in, §4.2), so that
+  reconstruct = encode @ decoder_directions + bias."""
+  recipe, params, scale, f, _ = _encode_parts(state, sae_index, acts)
+  return f * recipes.reported_factor(recipe, params, scale)
+
+
+def reconstruct(state, sae_index: int, acts):
+  """x̂ [B, d_in] in the ORIGINAL activation scale (what is spliced into the LM)."""
+  _, _, scale, _, x_hat = _encode_parts(state, sae_index, acts)
+  return x_hat / scale
+
+
+def decoder_directions(state, sae_index: int):
+  """[m, d_in] unit dictionary vectors (the paper's decoder columns)."""
+  return recipes.unit_rows(member_params(state, sae_index)["W_d"])
+
+
+def density(state, sae_index: int):
+  """(fire_counts int32[m], n_tokens) over the last complete density window, or over the current
+  one while no window has completed yet. Feed to metrics.density_stats / density_histogram."""
+  gkey, j, _, _ = locate(state, sae_index)
+  group_state = state["groups"][gkey]
+  if int(state["density_tokens_last"]) > 0:
+    return group_state["fired_count_last"][j], int(state["density_tokens_last"])
+  return group_state["fired_count"][j], int(state["density_tokens"])
+
+
+# ---------------------------------------------------------------------------------------- sharding
+
+# Logical axes by leaf name (Adam moments are named like their parameters): the feature axis m on
+# "feat" (mesh "model"), the member axis S and d_in replicated.
+_AXES = {
+    "W_e": (None, None, "feat"), "b_e": (None, "feat"), "W_d": (None, "feat", None), "b_d": (None, None),
+    "last_fired": (None, "feat"), "fired_count": (None, "feat"), "fired_count_last": (None, "feat"),
+}
+
+
+def shardings(state, mesh):
+  """NamedShardings matching `state`; anything not in the table (counters, scalars) replicated."""
+  def one(path, x):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+    axes = _AXES.get(names[-1]) if names else None
+    if axes is None or len(axes) != np.ndim(x):
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, sharding.logical_to_spec(axes, np.shape(x), mesh))
+  return jax.tree_util.tree_map_with_path(one, state)
