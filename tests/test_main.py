@@ -19,7 +19,9 @@ def test_main_reports_data_trains_and_writes_the_workdir(tiny_corpus, tmp_path):
             f"--config.data.index_dir={tmp_path / 'idx'}", "--config.data.seq_len=16", "--config.data.global_batch=4",
             "--config.model.d_model=32", "--config.model.d_mlp=64", "--config.model.n_heads=2", "--config.model.d_head=16",
             "--config.preview_batches=3", "--config.train.steps=4", "--config.train.log_every=2",
-            "--config.train.eval_every=2", "--config.train.eval_batches=1", f"--workdir={wd}"], tmp_path)
+            "--config.train.eval_every=2", "--config.train.eval_batches=1", "--config.sae.saes=128:0.004:2023",
+            "--config.sae.start_step=1", "--config.sae.buffer_steps=1", "--config.sae.positions_per_context=8",
+            "--config.sae.batch_size=32", f"--workdir={wd}"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stderr
   assert "Docs: Python" in out and "total" in out          # tokens per set
@@ -32,6 +34,12 @@ def test_main_reports_data_trains_and_writes_the_workdir(tiny_corpus, tmp_path):
   assert [r["step"] for r in rows if "loss" in r] == [2, 4]
   assert any("eval/loss" in r for r in rows)
   assert (wd / "checkpoints" / "4").is_dir() and any((wd / "tb").iterdir())
+  # the co-trained SAE: its metrics, loss recovered on held-out tokens, density plot and preview
+  assert "sae0 [128 2023 l1=0.004] mse" in out and "loss recovered" in out
+  assert any("sae0/mse" in r for r in rows) and any("sae0_eval/loss_recovered" in r for r in rows)
+  assert (wd / "plots" / "sae0_density.png").stat().st_size > 1000
+  preview = (wd / "preview.md").read_text()
+  assert "# Feature preview" in preview and "«" in preview
 
 
 def test_unknown_override_is_rejected(tmp_path):

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def base_args(tiny_corpus, tiny_tokenizer_path, tmp_path):
-  return ["--config=configs/quickstart.py", f"--config.data.path={tiny_corpus}",
+  return ["--config=configs/quickstart.py", "--config.mode=lm", f"--config.data.path={tiny_corpus}",
           f"--config.data.tokenizer={tiny_tokenizer_path}", f"--config.data.index_dir={tmp_path / 'idx'}",
           "--config.model.d_model=32", "--config.model.d_mlp=64", "--config.model.n_heads=2", "--config.model.d_head=16",
           "--config.data.seq_len=16", "--config.data.global_batch=4", "--config.preview_batches=0",
