@@ -174,7 +174,6 @@ def update(sae_cfg, groups_static, total_steps, state, acts, key):
   del key
   x = jnp.asarray(acts).astype(F32)
   step = state["step"]
-  dead_steps = recipes.window_steps(sae_cfg.dead_window, total_steps)
   # int32 firing counts: a window may hold at most 2^31 - 1 tokens.
   window = min(recipes.window_steps(sae_cfg.density_window, total_steps), (2**31 - 1) // x.shape[0])
   new_window = (step > 0) & (step % window == 0)
@@ -186,7 +185,7 @@ def update(sae_cfg, groups_static, total_steps, state, acts, key):
                      "was the state made from a different sae.saes?")
     group_state = state["groups"][gkey]
     new_groups[gkey], values = _update_group(sae_cfg, g, total_steps, group_state, x, state["input_scale"], step,
-                                             dead_steps, new_window)
+                                             new_window)
     per_group.append((g.members, values))
   order = np.argsort(np.concatenate([np.asarray(m) for m, _ in per_group]))
   metrics = {name: jnp.concatenate([v[name] for _, v in per_group])[order] for name in METRIC_NAMES}
@@ -198,14 +197,14 @@ def update(sae_cfg, groups_static, total_steps, state, acts, key):
   return new_state, metrics
 
 
-def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, step, dead_steps, new_window):
+def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, step, new_window):
   recipe = recipes.get(g.recipe)
   scale = input_scale if recipe.scales_input else jnp.ones((), F32)
   x_in = x * scale
   tx = recipes.optimizer(recipe, sae_cfg)
   lr = recipes.lr_at(recipe, sae_cfg, step, total_steps)
   l1_coefs = jnp.asarray(g.l1s, F32) * recipes.l1_factor_at(recipe, sae_cfg, step, total_steps)
-  dead_before = (step - group_state["last_fired"]) >= dead_steps
+  dead_before = dead_mask(sae_cfg, total_steps, step, group_state["last_fired"])  # AuxK's dead latents
   loss_fn = functools.partial(recipes.loss, recipe, sae_cfg)
 
   def member(params, opt, l1_coef, dead):
@@ -233,7 +232,7 @@ def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, s
       "fired_count_last": jnp.where(new_window, fired_count, group_state["fired_count_last"]),
   }
   values.update(lr=jnp.broadcast_to(lr, (g.size,)), l1_coef=l1_coefs,
-                dead_frac=((step + 1 - last_fired) >= dead_steps).mean(-1, dtype=F32))
+                dead_frac=dead_mask(sae_cfg, total_steps, step + 1, last_fired).mean(-1, dtype=F32))
   return new_group, {k: jnp.asarray(v, F32) for k, v in values.items()}
 
 
@@ -256,7 +255,7 @@ def resample_steps(sae_cfg, total_steps: int) -> list[int]:
   the run (§3.5: 25k/50k/75k/100k of 1M), strictly inside it; [] when no SAE is a 2023 one."""
   if not any(recipes.get(s.recipe).resamples for s in parse_specs(sae_cfg.saes)):
     return []
-  steps = {int(round(float(f) * int(total_steps))) for f in sae_cfg.resample_at}
+  steps = {round(float(f) * int(total_steps)) for f in sae_cfg.resample_at}
   return sorted(s for s in steps if 0 < s < int(total_steps))
 
 

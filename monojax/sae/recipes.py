@@ -61,7 +61,7 @@ def get(name: str) -> Recipe:
 
 def window_steps(fraction: float, total_steps: int) -> int:
   """A config fraction of the SAE run as a whole number of steps (at least 1)."""
-  return max(1, int(round(float(fraction) * int(total_steps))))
+  return max(1, round(float(fraction) * int(total_steps)))
 
 
 def lr_at(recipe: Recipe, cfg, step, total_steps: int):
@@ -204,7 +204,7 @@ def forward(recipe: Recipe, params, x, topk_k: int = 0):
     pre = (x - b_d_const) @ W_e + (b_e - (b_d - b_d_const) @ W_e)
   else:
     pre = x @ W_e + b_e
-  if recipe.topk:
+  if recipe.topk:  # ties at the k-th value keep every tied entry (measure zero for real data)
     f = jnp.where(pre >= kth_largest(pre, topk_k), jax.nn.relu(pre), 0.0)
   else:
     f = jax.nn.relu(pre)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from monojax.sae import recipes
 
 F32 = jnp.float32
-LOSS_CHUNK = 4096  # rows per forward pass when scoring the loss sample (bounds the [rows, m] buffer)
+LOSS_CHUNK_ELEMENTS = 2**26  # bound on rows x m x S pre-activations alive at once while scoring (256 MB fp32)
 
 
 def per_input_loss(recipe, params, xs):
@@ -32,7 +32,9 @@ def per_input_loss(recipe, params, xs):
       _, _, x_hat = recipes.forward(recipe, p, x_row[None], 0)
       return jnp.square(x_row - x_hat[0]).mean()
     return jax.vmap(member)(params)
-  return jax.lax.map(one_input, xs, batch_size=min(LOSS_CHUNK, xs.shape[0]))
+  n_members, width = params["b_e"].shape
+  rows = max(1, min(4096, LOSS_CHUNK_ELEMENTS // (width * n_members), xs.shape[0]))
+  return jax.lax.map(one_input, xs, batch_size=rows)
 
 
 def draw_inputs(key, weights, n_draws: int):

@@ -12,7 +12,6 @@ with it (0.9); we also report the mean over true features of the best cosine.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -142,7 +141,7 @@ def train_toy(cfg, log=None) -> dict:
     return core.update(s_cfg, groups, total, state, x, step_key)
 
   step_fn = jax.jit(train_step, donate_argnums=0)
-  resample_fn = jax.jit(functools.partial(core.maybe_resample, s_cfg, groups, total_steps=total), donate_argnums=0)
+  resample_fn = core.make_resample_fn(s_cfg, groups, total)
   resample_at = set(core.resample_steps(s_cfg, total))
   n_resample = min(int(s_cfg.resample_inputs), 65536)
   start = time.time()
@@ -160,13 +159,20 @@ def train_toy(cfg, log=None) -> dict:
   train_s = time.time() - start
 
   x_eval, a_eval = sample(t_cfg, features, key_eval, t_cfg.eval_samples)
+
+  @jax.jit
+  def evaluate(state, x):  # every SAE in one program
+    out = []
+    for i in range(len(specs)):
+      f = core.encode(state, i, x)
+      out.append((metrics.batch_metrics(x, core.reconstruct(state, i, x), f), (f > 0).sum(0),
+                  core.decoder_directions(state, i)))
+    return out
+
   results = []
-  for i, spec in enumerate(specs):
-    f = core.encode(state, i, x_eval)
-    batch = jax.device_get(metrics.batch_metrics(x_eval, core.reconstruct(state, i, x_eval), f))
-    dens = metrics.density_stats(np.asarray((f > 0).sum(0)), t_cfg.eval_samples, s_cfg.ultralow_density,
-                                 s_cfg.dense_density)
-    rec = recovery(features.directions, core.decoder_directions(state, i), t_cfg.recovered_cos)
+  for i, (spec, (batch, fire_counts, directions)) in enumerate(zip(specs, jax.device_get(evaluate(state, x_eval)))):
+    dens = metrics.density_stats(fire_counts, t_cfg.eval_samples, s_cfg.ultralow_density, s_cfg.dense_density)
+    rec = recovery(features.directions, directions, t_cfg.recovered_cos)
     results.append({"index": i, "recipe": spec.recipe, "width": spec.width, "l1_coef": spec.l1, **rec,
                     **{k: float(v) for k, v in batch.items()}, "dead": dens["dead"], "dense": dens["dense"],
                     "resampled": int(resampled[i])})
