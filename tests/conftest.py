@@ -2,8 +2,16 @@
 compile cache, and a small real-text corpus built from Python's own docs (no network)."""
 import os
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+# Most test time on 2 cores is XLA compiling the same tiny programs again in each subprocess run of
+# the main entry: share one persistent compile cache per test session (inherited by subprocesses)
+# and compile tiny models at LLVM -O0. Neither changes the HLO, so results are unchanged.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="monojax-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 from absl import flags  # noqa: E402
 
