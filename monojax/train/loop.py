@@ -53,8 +53,9 @@ def _eval(eval_fn, params, cfg, tokenizer, root, mesh) -> dict:
   for batch in pipeline.to_global(it, mesh, prefetch=0):
     out = eval_fn(params, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    for shard in batch["tokens"].addressable_shards:  # this host's targets, for the unigram baseline
-      counts += np.bincount(np.asarray(shard.data)[:, 1:].reshape(-1), minlength=len(counts))
+    for shard in batch["tokens"].addressable_shards:  # targets, once per replica, for the unigram baseline
+      if shard.replica_id == 0:
+        counts += np.bincount(np.asarray(shard.data)[:, 1:].reshape(-1), minlength=len(counts))
     n += 1
     if n >= cfg.train.eval_batches:
       break
@@ -62,6 +63,9 @@ def _eval(eval_fn, params, cfg, tokenizer, root, mesh) -> dict:
     raise errors.ConfigError(f"data.val_files: the validation split has fewer than one batch of "
                              f"{cfg.data.global_batch} x {cfg.data.seq_len + 1} tokens")
   t = jax.device_get(totals)
+  if jax.process_count() > 1:  # every host saw only its own slice of the batch
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(counts.astype(np.int32))).sum(0)
   p = counts[counts > 0] / counts.sum()
   # Entropy of the evaluated tokens' own unigram distribution: no unigram model can score below it.
   unigram = float(-(p * np.log(p)).sum())
@@ -216,7 +220,7 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
   preempt = _Preemption(log)
   tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
   last: dict = {}
-  window_t, window_steps = time.time(), 0
+  window_t, window_steps, last_rate = time.time(), 0, float("nan")
 
   def check(step: int, m) -> dict:
     m = _flatten(m, sae_names)
@@ -229,11 +233,13 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
     return m
 
   def report(step: int, m: dict) -> None:
-    nonlocal window_t, window_steps
+    nonlocal window_t, window_steps, last_rate
     dt = time.time() - window_t
-    tok_s = window_steps * tokens_per_step / dt if dt > 0 and window_steps else float("nan")
+    # a report right after another (a checkpoint step) has no new steps: repeat the last rate
+    tok_s = window_steps * tokens_per_step / dt if dt > 0 and window_steps else last_rate
+    last_rate = tok_s
     mfu = tok_s * flops_tok / peak if math.isfinite(tok_s) else float("nan")
-    eta = (total - step) * dt / window_steps if window_steps else float("nan")
+    eta = (total - step) * tokens_per_step / tok_s if tok_s and math.isfinite(tok_s) else float("nan")
     writer.write(step, {**m, "tokens_per_s": tok_s, "mfu": mfu, "tokens_seen": step * tokens_per_step})
     if is_main:
       log("\n".join([metrics_lib.console_line(step, total, m, tok_s, mfu, eta)] + _sae_console(m, sae_names)))
@@ -303,7 +309,10 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
         break
     if pending is not None:
       last = check(*pending)
-    if use_sae and step >= plan.init_step and step == total and is_main:
+    if use_sae and step >= plan.init_step and step == total and jax.process_count() > 1:
+      log("sae: the feature preview runs in single-process jobs only; run configs/sae.py-style analysis "
+          "on one host (see BUILD_NOTES.md, known gaps)")
+    elif use_sae and step >= plan.init_step and step == total:
       acts_fn = jax.jit(lambda params, tokens: step_lib.lm_forward(
           graphdef, params, tokens, vocab_size=kw["vocab_size"], dtype=step_lib.DTYPES[kw["dtype"]],
           loss_chunk=kw["loss_chunk"])[1]["mlp_post"][cfg.sae.layer])
