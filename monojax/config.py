@@ -45,7 +45,7 @@ def base_config() -> config_dict.ConfigDict:
   md.positional = "learned"        # "learned" absolute positions or "rotary" (both TransformerLens-exact)
   md.tied_embeddings = False       # separate unembedding W_U (TransformerLens default)
   md.init_std = 0.02               # weight init std; residual-writing matrices use std / sqrt(2 n_layers)
-  md.vocab_size = config_dict.placeholder(int)  # set from the tokenizer (padded to 128); do not set by hand
+  md.vocab_size = config_dict.FieldReference(None, field_type=int)  # set from the tokenizer (padded to 128)
   md.max_seq_len = c.data.get_ref("seq_len")    # learned position table length follows data.seq_len
 
   t = c.train = config_dict.ConfigDict()

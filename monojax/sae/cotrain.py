@@ -60,7 +60,7 @@ def make_plan(cfg, total_lm_steps: int) -> Plan:
 
 
 def initial_sae_state(cfg, d_in: int, plan: Plan, mesh):
-  """A placeholder SAE state with the final structure (replaced by `init_from_buffer`)."""
+  """An SAE state with the final structure and shardings, held until `init_from_buffer` replaces it."""
   state = sae_core.init_state(cfg.sae, d_in, jax.random.key(0), jnp.ones((8, d_in), jnp.float32),
                               plan.total_sae_steps)
   return jax.device_put(state, sae_core.shardings(state, mesh))
