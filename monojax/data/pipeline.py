@@ -164,6 +164,19 @@ def to_global(it: grain.IterDataset, mesh, data_axis: str = "data", prefetch: in
   return gx.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch) if prefetch else it
 
 
+def eval_batches(cfg, tokenizer: tokenizer_lib.TextTokenizer, root: str, mesh):
+  """The first cfg.train.eval_batches global batches of the validation split, in order: the same
+  held-out tokens at every evaluation (LM eval, SAE eval, feature preview)."""
+  import jax
+  it = host_batches(cfg.data, "val", tokenizer=tokenizer, root=root,
+                    host_batch=host_batch_size(cfg.data.global_batch, jax.process_count()), seed=0,
+                    process_index=jax.process_index(), process_count=jax.process_count(), repeat=False)
+  for n, batch in enumerate(to_global(it, mesh, prefetch=0)):
+    if n >= cfg.train.eval_batches:
+      return
+    yield batch
+
+
 def host_batch_size(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
     raise errors.ConfigError(f"data.global_batch={global_batch} must be divisible by the number of processes ({process_count})")

@@ -17,15 +17,6 @@ N_FEATURES = 6     # features shown, spread across the density range
 LEFT, RIGHT = 10, 3  # tokens of context either side of the firing token
 
 
-def _val_batches(cfg, tokenizer, root, mesh):
-  it = pipeline.host_batches(cfg.data, "val", tokenizer=tokenizer, root=root, host_batch=cfg.data.global_batch,
-                             seed=0, process_index=0, process_count=1, repeat=False)
-  for n, batch in enumerate(pipeline.to_global(it, mesh, prefetch=0)):
-    if n >= cfg.train.eval_batches:
-      return
-    yield batch
-
-
 def top_activations(state, sae_index: int, acts_fn, batches, k: int = TOP_K):
   """Scans held-out batches: per-feature firing counts, and the k largest activations with the
   (flat) token index where each happened. Returns (counts[m], top_vals[m,k], top_idx[m,k], tokens[N, T+1])."""
@@ -86,7 +77,7 @@ def finish(cfg, state, sae_names, tokenizer, root, mesh, workdir, log, acts_fn) 
       sae_metrics.density_histogram(fires, n_tok, os.path.join(plots, f"sae{i}_density.png"),
                                     os.path.join(plots, f"sae{i}_density.json"), ultralow=cfg.sae.ultralow_density,
                                     dense=cfg.sae.dense_density, title=f"sae{i} [{name}], {n_tok:,} training tokens")
-  counts, vals, idx, tokens = top_activations(state["sae"], 0, acts_fn, _val_batches(cfg, tokenizer, root, mesh))
+  counts, vals, idx, tokens = top_activations(state["sae"], 0, acts_fn, pipeline.eval_batches(cfg, tokenizer, root, mesh))
   n_tok = tokens.shape[0] * (tokens.shape[1] - 1)
   lines = [f"# Feature preview: sae0 [{sae_names[0]}]", "",
            f"{int((counts > 0).sum()):,} of {counts.size:,} features fire on {n_tok:,} held-out tokens. "

@@ -45,20 +45,14 @@ class _Preemption:
 
 
 def _eval(eval_fn, params, cfg, tokenizer, root, mesh) -> dict:
-  it = pipeline.host_batches(cfg.data, "val", tokenizer=tokenizer, root=root,
-                             host_batch=pipeline.host_batch_size(cfg.data.global_batch, jax.process_count()),
-                             seed=0, process_index=jax.process_index(), process_count=jax.process_count(),
-                             repeat=False)
   totals, n, counts = None, 0, np.zeros((tokenizer.vocab_size,), np.int64)
-  for batch in pipeline.to_global(it, mesh, prefetch=0):
+  for batch in pipeline.eval_batches(cfg, tokenizer, root, mesh):
     out = eval_fn(params, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     for shard in batch["tokens"].addressable_shards:  # targets, once per replica, for the unigram baseline
       if shard.replica_id == 0:
         counts += np.bincount(np.asarray(shard.data)[:, 1:].reshape(-1), minlength=len(counts))
     n += 1
-    if n >= cfg.train.eval_batches:
-      break
   if totals is None:
     raise errors.ConfigError(f"data.val_files: the validation split has fewer than one batch of "
                              f"{cfg.data.global_batch} x {cfg.data.seq_len + 1} tokens")
@@ -328,16 +322,9 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
 
 
 def _eval_sums(fn, cfg, tokenizer, root, mesh) -> dict:
-  """Sums fn(batch) over the validation batches used by the LM eval."""
-  it = pipeline.host_batches(cfg.data, "val", tokenizer=tokenizer, root=root,
-                             host_batch=pipeline.host_batch_size(cfg.data.global_batch, jax.process_count()),
-                             seed=0, process_index=jax.process_index(), process_count=jax.process_count(),
-                             repeat=False)
-  totals, n = None, 0
-  for batch in pipeline.to_global(it, mesh, prefetch=0):
+  """Sums fn(batch) over the held-out batches of the LM eval."""
+  totals = None
+  for batch in pipeline.eval_batches(cfg, tokenizer, root, mesh):
     out = fn(batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    n += 1
-    if n >= cfg.train.eval_batches:
-      break
   return jax.device_get(totals)
