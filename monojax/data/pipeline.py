@@ -113,7 +113,7 @@ def _to_int32_batch(x: np.ndarray) -> dict[str, np.ndarray]:
 
 def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer, root: str,
                  host_batch: int, seed: int, process_index: int, process_count: int,
-                 repeat: bool | None = None, log=logging.info) -> grain.IterDataset:
+                 repeat: bool | None = None, shuffle: bool | None = None, log=logging.info) -> grain.IterDataset:
   """This host's batches: {"tokens": int32[host_batch, seq_len + 1]}.
 
   Training (repeat=True, the default for 'train') shuffles globally with `seed`, repeats forever
@@ -121,12 +121,15 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
   see disjoint data. Evaluation reads once, in order.
   """
   repeat = (split == "train") if repeat is None else repeat
+  shuffle = repeat if shuffle is None else shuffle
   window = data_cfg.seq_len + 1
   read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
   if data_cfg.format == "raw":
     ds = grain.MapDataset.source(text_source(data_cfg, root, split, log))
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
     if repeat:
-      ds = ds.shuffle(seed=seed).repeat(None)
+      ds = ds.repeat(None)
     ds = ds[process_index::process_count]
     ds = ds.batch(data_cfg.tokenize_batch_docs, drop_remainder=False).map(_EncodeDocs(tokenizer))
     it = ds.to_iter_dataset(read)
@@ -135,8 +138,10 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
   elif data_cfg.format == "tfds":
     from monojax.data import tfds_packed  # tfds import costs ~0.3 s; only this path needs it
     ds = grain.MapDataset.source(tfds_packed.packed_source(data_cfg, root, split, tokenizer, log=log))
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
     if repeat:
-      ds = ds.shuffle(seed=seed).repeat(None)
+      ds = ds.repeat(None)
     ds = ds[process_index::process_count].map(tfds_packed.tokens_of)
     it = ds.to_iter_dataset(read)
   else:
@@ -165,12 +170,14 @@ def to_global(it: grain.IterDataset, mesh, data_axis: str = "data", prefetch: in
 
 
 def eval_batches(cfg, tokenizer: tokenizer_lib.TextTokenizer, root: str, mesh):
-  """The first cfg.train.eval_batches global batches of the validation split, in order: the same
-  held-out tokens at every evaluation (LM eval, SAE eval, feature preview)."""
+  """The first cfg.train.eval_batches global batches of the validation split, shuffled with a fixed
+  seed so they sample every set (the shards are ordered by set): the same held-out tokens at every
+  evaluation (LM eval, SAE eval, feature preview)."""
   import jax
   it = host_batches(cfg.data, "val", tokenizer=tokenizer, root=root,
                     host_batch=host_batch_size(cfg.data.global_batch, jax.process_count()), seed=0,
-                    process_index=jax.process_index(), process_count=jax.process_count(), repeat=False)
+                    process_index=jax.process_index(), process_count=jax.process_count(), repeat=False,
+                    shuffle=True)
   for n, batch in enumerate(to_global(it, mesh, prefetch=0)):
     if n >= cfg.train.eval_batches:
       return
