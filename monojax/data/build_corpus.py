@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import datetime
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
@@ -162,14 +161,6 @@ def compute_repeats(set_bytes: dict[str, int]) -> dict[str, int]:
   return repeats
 
 
-def _sha256_file(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _write_set(out: pathlib.Path, split: str, set_name: str, docs: list, repeat: int) -> list[dict]:
   """Writes one set's split as shards of at most SHARD_TEXT_BYTES of text; returns shard entries."""
   records = [{"text": t, "meta": m} for _ in range(repeat) for t, m in docs]
@@ -187,7 +178,7 @@ def _write_set(out: pathlib.Path, split: str, set_name: str, docs: list, repeat:
     suffix = "" if len(groups) == 1 else f"-{i:02d}"
     rel = f"{split}/{set_slug(set_name)}{suffix}.jsonl.zst"
     stats = pile_io.write_shard(out / rel, group, level=ZSTD_LEVEL)
-    shards.append({"path": rel, **stats, "sha256": _sha256_file(out / rel)})
+    shards.append({"path": rel, **stats, "sha256": cs.sha256_file(out / rel)})
   return shards
 
 

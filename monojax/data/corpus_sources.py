@@ -73,7 +73,7 @@ class Source:
 # Fetch
 
 
-def _sha256(path: pathlib.Path) -> str:
+def sha256_file(path: pathlib.Path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -176,7 +176,7 @@ def _fetch_debs(pkgs: list[Package], cache: pathlib.Path, log) -> dict[str, str]
       continue
     version = urllib.parse.unquote(deb.name.split("_")[1])
     _finish_unpack(cache, pkg, tmp, {"name": pkg.name, "kind": "deb", "version": version,
-                                     "sha256": _sha256(deb), "file": deb.name})
+                                     "sha256": sha256_file(deb), "file": deb.name})
   return failed
 
 
@@ -225,7 +225,7 @@ def _fetch_pypi(pkg: Package, cache: pathlib.Path, log) -> str | None:
     shutil.rmtree(tmp, ignore_errors=True)
     return f"cannot unpack {archive.name}: {e}"
   _finish_unpack(cache, pkg, tmp, {"name": pkg.name, "kind": "pypi", "version": pkg.spec.partition("==")[2],
-                                   "sha256": _sha256(archive), "file": archive.name})
+                                   "sha256": sha256_file(archive), "file": archive.name})
   return None
 
 
