@@ -1,9 +1,7 @@
 """SAEs co-trained in the LM step and on a frozen LM, run as a user runs them."""
 import json
-import os
-import signal
 
-from test_loop import _metrics, _run, _start, _wait_for, base_args  # noqa: F401 (shared fixture + helpers)
+from test_loop import _metrics, _run, base_args, kill_9_after_checkpoint  # noqa: F401 (shared fixture + helpers)
 
 SAE_ARGS = ["--config.sae.start_step=2", "--config.sae.buffer_steps=2", "--config.sae.positions_per_context=8",
             "--config.sae.batch_size=32"]
@@ -19,11 +17,7 @@ def test_cotrain_resume_after_kill_9_is_bit_identical(base_args, tmp_path):
   assert "sae1/mse" in ref[10] and "sae0/mse" not in ref[4]  # SAE updates start after the buffer is full
 
   killed = tmp_path / "killed"
-  p = _start(common + [f"--workdir={killed}", "--config.train.debug_step_delay_s=0.4"])
-  _wait_for(lambda: (killed / "checkpoints" / "6").is_dir() and os.path.exists(killed / "metrics.jsonl")
-            and max(_metrics(killed), default=0) >= 7, p)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
+  kill_9_after_checkpoint(common, killed, 6)
   rc, out = _run(common + [f"--workdir={killed}"])
   assert rc == 0 and "at step 6" in out, out[-3000:]
   got = _metrics(killed)

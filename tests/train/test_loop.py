@@ -51,6 +51,15 @@ def _wait_for(pred, proc, timeout=120):
     time.sleep(0.05)
 
 
+def kill_9_after_checkpoint(args, wd, ckpt_step: int) -> None:
+  """Runs the main entry slowly and SIGKILLs it one step after checkpoint `ckpt_step` is committed."""
+  p = _start(args + [f"--workdir={wd}", "--config.train.debug_step_delay_s=0.4"])
+  _wait_for(lambda: (wd / "checkpoints" / str(ckpt_step)).is_dir() and os.path.exists(wd / "metrics.jsonl")
+            and max(_metrics(wd), default=0) >= ckpt_step + 1, p)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+
+
 def test_resume_after_kill_9_is_bit_identical(base_args, tmp_path):
   common = base_args + ["--config.train.steps=8", "--config.train.ckpt_every=4"]
   straight = tmp_path / "straight"
@@ -61,11 +70,7 @@ def test_resume_after_kill_9_is_bit_identical(base_args, tmp_path):
   assert (straight / "checkpoints" / "8").is_dir() and list((straight / "tb").iterdir())
 
   killed = tmp_path / "killed"
-  p = _start(common + [f"--workdir={killed}", "--config.train.debug_step_delay_s=0.4"])
-  _wait_for(lambda: (killed / "checkpoints" / "4").is_dir() and os.path.exists(killed / "metrics.jsonl")
-            and max(_metrics(killed), default=0) >= 5, p)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
+  kill_9_after_checkpoint(common, killed, 4)
   assert not (killed / "checkpoints" / "8").exists()
 
   rc, out = _run(common + [f"--workdir={killed}"])
