@@ -23,6 +23,7 @@ def base_config() -> config_dict.ConfigDict:
   d.seq_len = 256                  # context length; windows hold seq_len + 1 tokens (inputs and targets)
   d.global_batch = 32              # sequences per step over all hosts
   d.seed = 0                       # data order; independent of `seed` so A/B runs can share the data order
+  d.shuffle_windows = 4096         # raw format: packed windows shuffled in blocks of this many (0 = off)
   d.on_error = "raise"             # bad records: "raise" (error naming file:line) or "skip" (counted, logged)
   d.num_threads = 2                # grain read threads
   d.prefetch = 4                   # grain read-ahead (elements: raw = groups of tokenize_batch_docs documents)

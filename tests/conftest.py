@@ -63,4 +63,5 @@ def data_cfg(tiny_corpus, tiny_tokenizer_path, tmp_path):
   c.tfds_dir = str(tmp_path / "tfds")
   c.prefetch = 4
   c.tokenize_batch_docs = 4
+  c.shuffle_windows = 16  # small, so the resume tests cross a shuffle-block boundary
   return c
