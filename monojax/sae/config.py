@@ -17,6 +17,7 @@ def sae_config() -> config_dict.ConfigDict:
   # topk has no l1 (write 0 or leave it empty): its sparsity is topk_k.
   s.saes = "4096:0.004:2023"
   s.batch_size = 4096              # activations per SAE step (paper 8,192, §3.3; April replications 4,096)
+  s.sparse_update = "auto"         # exact sparse ReLU-SAE update on CPU (sae/sparse): auto | on | off
 
   # Adam, shared by all recipes (2023 betas/eps unstated -> PyTorch defaults; 2024 uses 0.9/0.999).
   s.lr = 1e-4                      # 2023 learning rate, constant (unstated in the paper; 1e-4 as Neel Nanda's 1L)

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monojax import errors, sharding
 from monojax.sae import metrics as metrics_lib, recipes, resample as resample_lib
+from monojax.sae import sparse
 
 F32 = jnp.float32
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "l1", "recon", "sparsity", "aux_k", "grad_norm", "lr", "l1_coef",
@@ -205,10 +206,13 @@ def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, s
   lr = recipes.lr_at(recipe, sae_cfg, step, total_steps)
   l1_coefs = jnp.asarray(g.l1s, F32) * recipes.l1_factor_at(recipe, sae_cfg, step, total_steps)
   dead_before = dead_mask(sae_cfg, total_steps, step, group_state["last_fired"])  # AuxK's dead latents
-  loss_fn = functools.partial(recipes.loss, recipe, sae_cfg)
+  if sparse.wanted(sae_cfg, recipe):  # exact, work ∝ active features (CPU kernels, sae/sparse)
+    loss_and_grad = functools.partial(sparse.value_and_grad, recipe, sae_cfg)
+  else:
+    loss_and_grad = jax.value_and_grad(functools.partial(recipes.loss, recipe, sae_cfg), argnums=0, has_aux=True)
 
   def member(params, opt, l1_coef, dead):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)(params, x_in, l1_coef, dead)
+    (loss, aux), grads = loss_and_grad(params, x_in, l1_coef, dead)
     grad_norm = optax.tree.norm(grads)
     if recipe.unit_norm_decoder:
       grads = dict(grads, W_d=recipes.project_out_parallel(params["W_d"], grads["W_d"]))

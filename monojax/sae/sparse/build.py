@@ -1,0 +1,93 @@
+"""Compile-on-first-use of kernels.cc and its registration as an XLA FFI target.
+
+The shared library is cached in ~/.cache/monojax/kernels/<hash>/ (hash of the source, the jaxlib
+version, the compiler and the CPU flags, since it is built with -march=native). It is written to a
+temporary file and renamed into place, so concurrent processes never load a half-written library.
+`available()` is False, with ONE warning logged, when there is no compiler or the build fails;
+callers then use the dense update.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jaxlib
+from absl import logging
+
+TARGET = "monojax_sae_sparse"
+SYMBOL = "MonojaxSaeSparse"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno")
+
+
+def _cpu_flags() -> str:
+  try:
+    with open("/proc/cpuinfo") as fh:
+      for line in fh:
+        if line.startswith(("flags", "Features")):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def cache_dir() -> str:
+  return os.environ.get("MONOJAX_KERNEL_CACHE", os.path.expanduser("~/.cache/monojax/kernels"))
+
+
+def library_path(cxx: str) -> str:
+  with open(SOURCE, "rb") as fh:
+    src = fh.read()
+  key = hashlib.sha256(b"\0".join([src, jaxlib.__version__.encode(), cxx.encode(), " ".join(FLAGS).encode(),
+                                   platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+  return os.path.join(cache_dir(), key, "libmonojax_sae_sparse.so")
+
+
+def build(cxx: str) -> str:
+  """Path of the compiled library, compiling it first if the cache does not have it."""
+  path = library_path(cxx)
+  if os.path.exists(path):
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, path)  # atomic: another process sees no library or a whole one
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return path
+
+
+@functools.cache
+def available() -> bool:
+  """True once the kernels are compiled, loaded and registered with XLA (CPU); cached."""
+  if os.environ.get("MONOJAX_SPARSE_DISABLE"):
+    return False
+  cxx = _compiler()
+  if cxx is None:
+    logging.warning("monojax sparse SAE kernels: no C++ compiler (g++/c++/$CXX) found; using the dense update")
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(build(cxx))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+  except Exception as e:  # noqa: BLE001 - any build/load failure means: fall back to dense
+    logging.warning("monojax sparse SAE kernels unavailable (%s); using the dense update",
+                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return False
+  return True
