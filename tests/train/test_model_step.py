@@ -63,6 +63,23 @@ def test_cross_entropy_matches_naive_reference(chunk):
   assert int(correct) == int((logits.argmax(1) == t.reshape(-1)).sum())
 
 
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_chunked_loss_never_materialises_all_logits(chunk):
+  """The compiled gradient of the loss holds [B*chunk, V] logits, never the full [B*T, V] (chunk 0:
+  the whole [B*T, V] once), and every GEMM runs on flattened 2-D rows."""
+  B, T, d, V = 4, 32, 8, 1024
+  h = jnp.ones((B, T, d), jnp.float32)
+  w = jnp.ones((d, V), jnp.float32)
+  t = jnp.zeros((B, T), jnp.int32)
+  grad = jax.jit(jax.grad(lambda h, w: sp.cross_entropy_terms(h, w, t, V - 3, chunk)[0], argnums=(0, 1)))
+  hlo = grad.lower(h, w).compile().as_text()
+  assert (f"f32[{B * T},{V}]" in hlo) == (chunk == 0)
+  if chunk:
+    assert f"f32[{B * chunk},{V}]" in hlo
+  dots = [line for line in hlo.splitlines() if " dot(" in line]
+  assert dots and all("f32[" in line and line.split("=")[1].split("{")[0].count(",") == 1 for line in dots)
+
+
 def _run_steps(c, mesh, n=3, dtype="float32"):
   sched = st.make_schedule(c.train)
   tx = st.make_optimizer(c.train, sched)
