@@ -220,11 +220,15 @@ def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, s
     new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
     if recipe.unit_norm_decoder:  # a unit row plus a perpendicular step is no longer unit (§3.2)
       new_params["W_d"] = recipes.unit_rows(new_params["W_d"])
-    f, x_hat = aux["f"], aux["x_hat"]
-    fired = f > 0
-    values = metrics_lib.batch_metrics(x, x_hat / scale, f * recipes.reported_factor(recipe, params, scale))
+    f, x_hat, factor = aux["f"], aux["x_hat"], recipes.reported_factor(recipe, params, scale)
+    values = metrics_lib.batch_metrics(x, x_hat / scale, f * factor)
+    if "fired_count" in aux:  # the sparse update counted firings: no pass over f [B, m] (factor > 0)
+      fired_sum = aux["fired_count"]
+      values.update(l0=fired_sum.sum(dtype=F32) / x.shape[0], l1=(aux["f_colsum"] * factor).sum() / x.shape[0])
+    else:
+      fired_sum = (f > 0).sum(0, dtype=jnp.int32)
     values.update(loss=loss, recon=aux["recon"], sparsity=aux["sparsity"], aux_k=aux["aux_k"], grad_norm=grad_norm)
-    return new_params, opt, fired.any(0), fired.sum(0, dtype=jnp.int32), values
+    return new_params, opt, fired_sum > 0, fired_sum, values
 
   params, opt, fired_any, fired_sum, values = jax.vmap(member)(group_state["params"], group_state["opt"], l1_coefs,
                                                                dead_before)

@@ -2,11 +2,12 @@
 // (monojax/sae/sparse/update.py has the maths and the JAX side; cpu-performance.md §3 the design).
 //
 // One custom call, "monojax_sae_sparse", per SAE (leading batch dims = stacked members, looped):
-//   in : pre [B,m] (x_e W_e + b_e, aliased to the output f), xe [B,d] (encoder input), x [B,d]
-//        (reconstruction target), W_d [m,d], b_d [d], l1 [m] (per-feature ∂L/∂f offset), attr c
-//        (∂L/∂x̂ = c·(x̂ − x))
-//   out: f [B,m] = relu(pre), x_hat [B,d], dW_d [m,d] (data term only), dW_e [d,m], db_e [m],
-//        colsum [m] = Σ_b f_bi
+//   in : xw [B,m] (= xe W_e), b_e [m], xe [B,d] (encoder input), x [B,d] (reconstruction target),
+//        W_d [m,d], b_d [d], l1 [m] (per-feature ∂L/∂f offset), attr c (∂L/∂x̂ = c·(x̂ − x))
+//   out: x_hat [B,d], dW_d [m,d] (data term only), dW_e [d,m], db_e [m], colsum [m] = Σ_b f_bi,
+//        count [m] (int32) = #{b: f_bi > 0}
+// pre = xw + b_e is formed here, row by row, as XLA forms it (one f32 add: the same bits), and
+// f = relu(pre) is not written: [B,m] passes over memory are what this step is made of.
 // Work is proportional to the number of active entries (pre > 0), nothing is truncated:
 //   1. rows (parallel over row chunks): compact the row's positive entries, x̂_b by gathering W_d
 //      rows, g_b = c(x̂_b − x_b), df_bi = g_b·W_d,i + l1_i, count entries per feature;
@@ -39,7 +40,8 @@ namespace {
 // Runs fn(i) for i in [0, n). Work items are claimed from a shared counter by the caller and by
 // helper tasks, so the loop finishes even if the pool runs no task at all (the FFI allows that);
 // a helper that starts after the loop is done finds no item and never touches `fn`.
-// MONOJAX_SPARSE_THREADS=N (N >= 1) uses N std::threads instead of XLA's pool (for measuring).
+// Threads: XLA's intra-op pool (the one its own CPU kernels use). MONOJAX_SPARSE_THREADS=N (N >= 1)
+// uses N std::threads instead (for measuring), as does a pool that reports no threads.
 struct Loop {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -70,7 +72,8 @@ class Par {
  public:
   explicit Par(ffi::ThreadPool* pool) : pool_(pool) {
     std_threads_ = EnvThreads();
-    threads_ = std_threads_ > 0 ? std_threads_ : std::max<int64_t>(1, pool_->num_threads());
+    if (std_threads_ <= 0 && pool_->num_threads() <= 0) std_threads_ = std::thread::hardware_concurrency();
+    threads_ = std_threads_ > 0 ? std_threads_ : pool_->num_threads();
   }
   int64_t threads() const { return threads_; }
 
@@ -150,30 +153,92 @@ void Reserve(std::vector<T>& v, size_t n) {  // grow only, keeping contents (nev
 
 // ---------------------------------------------------------------------------------- vector ops
 
-inline void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+// The gathers below are bound by memory latency: their rows are picked at random from a few MB
+// (W_d, or g and xe), so the hardware prefetcher only helps within a row. Taking kGroup rows per
+// pass over the d-vector keeps kGroup streams of misses in flight and cuts the accumulator's
+// traffic by kGroup (software prefetching measured slower).
+constexpr int kGroup = 8;
+
+// y += Σ_k a[k] · u[idx[k]·d : +d]   (and z += Σ_k c[k] · v[idx[k]·d : +d] when v is given)
+template <int G, bool kTwo>
+inline void GatherAxpyG(const float* a, const float* c, const int32_t* idx, const float* u, const float* v,
+                        float* __restrict y, float* __restrict z, int64_t d) {
+  const float* us[G];
+  const float* vs[G];
+  float as[G], cs[G];
+  for (int r = 0; r < G; ++r) {
+    us[r] = u + idx[r] * d, as[r] = a[r];
+    if (kTwo) vs[r] = v + idx[r] * d, cs[r] = c[r];
+  }
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+  for (int64_t j = 0; j < d; ++j) {
+    float sy = 0.f, sz = 0.f;
+    for (int r = 0; r < G; ++r) {
+      sy += as[r] * us[r][j];
+      if (kTwo) sz += cs[r] * vs[r][j];
+    }
+    y[j] += sy;
+    if (kTwo) z[j] += sz;
+  }
 }
 
-inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
+template <bool kTwo>
+inline void GatherAxpy(int64_t n, const float* a, const float* c, const int32_t* idx, const float* u,
+                       const float* v, float* y, float* z, int64_t d) {
+  int64_t k = 0;
+  for (; k + kGroup <= n; k += kGroup) GatherAxpyG<kGroup, kTwo>(a + k, c + k, idx + k, u, v, y, z, d);
+  for (; k + 4 <= n; k += 4) GatherAxpyG<4, kTwo>(a + k, c + k, idx + k, u, v, y, z, d);
+  for (; k < n; ++k) GatherAxpyG<1, kTwo>(a + k, c + k, idx + k, u, v, y, z, d);
 }
 
-// f = relu(pre) written to `f` (may alias `pre`); the positive entries appended to idx/val.
-// Returns their number. idx/val need m + 16 free slots (full vectors are stored past the end).
-int64_t CompactRow(const float* pre, float* f, int64_t m, int32_t* idx, float* val) {
+// out[k] = g · u[idx[k]·d : +d] + add[idx[k]]; G sums in vector registers (GCC vector types, so
+// this also builds without AVX-512), reduced at the end.
+typedef float V16 __attribute__((vector_size(64)));
+
+inline V16 Load16(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int G>
+inline void GatherDotG(const int32_t* idx, const float* u, const float* __restrict g, const float* add,
+                       float* out, int64_t d) {
+  const float* us[G];
+  for (int r = 0; r < G; ++r) us[r] = u + idx[r] * d;
+  V16 acc[G] = {};
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const V16 gj = Load16(g + j);
+    for (int r = 0; r < G; ++r) acc[r] += gj * Load16(us[r] + j);
+  }
+  for (int r = 0; r < G; ++r) {
+    float s = 0.f;
+    for (int l = 0; l < 16; ++l) s += acc[r][l];
+    for (int64_t t = j; t < d; ++t) s += g[t] * us[r][t];
+    out[r] = s + add[idx[r]];
+  }
+}
+
+inline void GatherDot(int64_t n, const int32_t* idx, const float* u, const float* g, const float* add, float* out,
+                      int64_t d) {
+  int64_t k = 0;
+  for (; k + kGroup <= n; k += kGroup) GatherDotG<kGroup>(idx + k, u, g, add, out + k, d);
+  for (; k + 4 <= n; k += 4) GatherDotG<4>(idx + k, u, g, add, out + k, d);
+  for (; k < n; ++k) GatherDotG<1>(idx + k, u, g, add, out + k, d);
+}
+
+// Appends the positive entries of pre = xw[0:m] + be[0:m] to idx/val and returns their number.
+// idx/val need m + 16 free slots (whole vectors are stored past the end).
+int64_t CompactRow(const float* xw, const float* be, int64_t m, int32_t* idx, float* val) {
   int64_t n = 0, j = 0;
 #ifdef __AVX512F__
   const __m512 zero = _mm512_setzero_ps();
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= m; j += 16) {
-    __m512 v = _mm512_loadu_ps(pre + j);
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(xw + j), _mm512_loadu_ps(be + j));
     __mmask16 k = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
-    _mm512_storeu_ps(f + j, _mm512_maskz_mov_ps(k, v));
-    if (k) {  // register compress + full store: compress-to-memory is slow on Zen 4
+    if (k) {  // compress in registers + full store (compress-to-memory is slow on Zen 4)
       _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(k, v));
       __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), iota);
       _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(k, ids));
@@ -182,13 +247,10 @@ int64_t CompactRow(const float* pre, float* f, int64_t m, int32_t* idx, float* v
   }
 #endif
   for (; j < m; ++j) {
-    float v = pre[j];
+    float v = xw[j] + be[j];
     if (v > 0.f) {
       idx[n] = static_cast<int32_t>(j);
       val[n++] = v;
-      f[j] = v;
-    } else {
-      f[j] = 0.f;
     }
   }
   return n;
@@ -197,14 +259,15 @@ int64_t CompactRow(const float* pre, float* f, int64_t m, int32_t* idx, float* v
 // ---------------------------------------------------------------------------------- one member
 
 struct Member {
-  const float *pre, *xe, *x, *wd, *bd, *l1;
-  float *f, *xhat, *dwd, *dwe, *dbe, *colsum;
+  const float *xw, *be, *xe, *x, *wd, *bd, *l1;
+  float *xhat, *dwd, *dwe, *dbe, *colsum;
+  int32_t* count;
 };
 
 constexpr int64_t kFeatBlock = 16;
 
 void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, int64_t m, float c) {
-  const int64_t n_chunks = std::min<int64_t>(B, 8 * par.threads());
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(B, 8 * par.threads()));
   const int64_t rows_per = (B + n_chunks - 1) / n_chunks;
   if (static_cast<int64_t>(ws.chunks.size()) < n_chunks) ws.chunks.resize(n_chunks);
   Reserve(ws.g, B * d);
@@ -224,18 +287,16 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
       int32_t* idx = ch.idx.data() + used;
       float* fv = ch.fv.data() + used;
       float* dfv = ch.dfv.data() + used;
-      const int64_t n = CompactRow(a.pre + b * m, a.f + b * m, m, idx, fv);
+      const int64_t n = CompactRow(a.xw + b * m, a.be, m, idx, fv);
       float* xh = a.xhat + b * d;
       std::memcpy(xh, a.bd, d * sizeof(float));
-      for (int64_t k = 0; k < n; ++k) Axpy(fv[k], a.wd + idx[k] * d, xh, d);
+      GatherAxpy<false>(n, fv, nullptr, idx, a.wd, nullptr, xh, nullptr, d);
       float* gb = g + b * d;
       const float* xb = a.x + b * d;
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) gb[j] = c * (xh[j] - xb[j]);
-      for (int64_t k = 0; k < n; ++k) {
-        dfv[k] = Dot(gb, a.wd + idx[k] * d, d) + a.l1[idx[k]];
-        ++ch.pos[idx[k]];
-      }
+      GatherDot(n, idx, a.wd, gb, a.l1, dfv, d);
+      for (int64_t k = 0; k < n; ++k) ++ch.pos[idx[k]];
       ch.len[b - b0] = n;
       used += n;
     }
@@ -290,22 +351,13 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
       float* accd = a.dwd + i * d;
       float* acce = tile.data() + (i - i0) * d;
       std::fill(accd, accd + d, 0.f);
+      const int64_t p0 = fptr[i], n = fptr[i + 1] - p0;
+      GatherAxpy<true>(n, ws.ff.data() + p0, ws.fdf.data() + p0, ws.frow.data() + p0, g, a.xe, accd, acce, d);
       float sf = 0.f, sdf = 0.f;
-      for (int64_t p = fptr[i]; p < fptr[i + 1]; ++p) {
-        const int64_t b = ws.frow[p];
-        const float fb = ws.ff[p], dfb = ws.fdf[p];
-        sf += fb;
-        sdf += dfb;
-        const float* gb = g + b * d;
-        const float* xb = a.xe + b * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) {
-          accd[j] += fb * gb[j];
-          acce[j] += dfb * xb[j];
-        }
-      }
+      for (int64_t p = p0; p < p0 + n; ++p) sf += ws.ff[p], sdf += ws.fdf[p];
       a.dbe[i] = sdf;
       a.colsum[i] = sf;
+      a.count[i] = static_cast<int32_t>(n);
     }
     for (int64_t j = 0; j < d; ++j) {
       float* out = a.dwe + j * m + i0;
@@ -314,32 +366,31 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
   });
 }
 
-// Leading dims of `pre` beyond [B, m] are stacked members; every input is broadcast to them by
+// Leading dims of `xw` beyond [B, m] are stacked members; every input is broadcast to them by
 // JAX (vmap_method="broadcast_all"), so member s simply offsets every buffer.
-ffi::Error SaeSparseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> xe,
-                         ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
-                         ffi::Buffer<ffi::F32> l1, float c, ffi::ResultBuffer<ffi::F32> f,
-                         ffi::ResultBuffer<ffi::F32> xhat, ffi::ResultBuffer<ffi::F32> dwd,
-                         ffi::ResultBuffer<ffi::F32> dwe, ffi::ResultBuffer<ffi::F32> dbe,
-                         ffi::ResultBuffer<ffi::F32> colsum) {
-  auto dims = pre.dimensions();
-  if (dims.size() < 2) return ffi::Error::InvalidArgument("pre must be [..., B, m]");
+using In = ffi::Buffer<ffi::F32>;
+using Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error SaeSparseImpl(ffi::ThreadPool pool, In xw, In be, In xe, In x, In wd, In bd, In l1, float c, Out xhat,
+                         Out dwd, Out dwe, Out dbe, Out colsum, ffi::ResultBuffer<ffi::S32> count) {
+  auto dims = xw.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("xw must be [..., B, m]");
   const int64_t B = dims[dims.size() - 2], m = dims[dims.size() - 1];
   const int64_t d = bd.dimensions().back();
-  const int64_t S = B * m > 0 ? static_cast<int64_t>(pre.element_count()) / (B * m) : 0;
+  const int64_t S = B * m > 0 ? static_cast<int64_t>(xw.element_count()) / (B * m) : 0;
   if (xe.element_count() != size_t(S * B * d) || x.element_count() != size_t(S * B * d) ||
       wd.element_count() != size_t(S * m * d) || bd.element_count() != size_t(S * d) ||
-      l1.element_count() != size_t(S * m)) {
+      l1.element_count() != size_t(S * m) || be.element_count() != size_t(S * m)) {
     return ffi::Error::InvalidArgument("monojax_sae_sparse: inconsistent shapes");
   }
-  if (B * m >= (int64_t{1} << 31) - 1) return ffi::Error::InvalidArgument("B*m must fit int32");
   Par par(&pool);
   WorkspaceLease lease;
   for (int64_t s = 0; s < S; ++s) {
-    Member a{pre.typed_data() + s * B * m, xe.typed_data() + s * B * d, x.typed_data() + s * B * d,
-             wd.typed_data() + s * m * d,  bd.typed_data() + s * d,     l1.typed_data() + s * m,
-             f->typed_data() + s * B * m,  xhat->typed_data() + s * B * d, dwd->typed_data() + s * m * d,
-             dwe->typed_data() + s * d * m, dbe->typed_data() + s * m,  colsum->typed_data() + s * m};
+    Member a{xw.typed_data() + s * B * m,   be.typed_data() + s * m,         xe.typed_data() + s * B * d,
+             x.typed_data() + s * B * d,    wd.typed_data() + s * m * d,     bd.typed_data() + s * d,
+             l1.typed_data() + s * m,       xhat->typed_data() + s * B * d,  dwd->typed_data() + s * m * d,
+             dwe->typed_data() + s * d * m, dbe->typed_data() + s * m,       colsum->typed_data() + s * m,
+             count->typed_data() + s * m};
     RunMember(par, *lease.ws, a, B, d, m, c);
   }
   return ffi::Error::Success();
@@ -350,17 +401,18 @@ ffi::Error SaeSparseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MonojaxSaeSparse, SaeSparseImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // pre
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xe
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // W_d
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_d
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // l1
+                                  .Arg<In>()  // xw
+                                  .Arg<In>()  // b_e
+                                  .Arg<In>()  // xe
+                                  .Arg<In>()  // x
+                                  .Arg<In>()  // W_d
+                                  .Arg<In>()  // b_d
+                                  .Arg<In>()  // l1
                                   .Attr<float>("c")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // f
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // x_hat
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_d
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_e
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // db_e
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // colsum
+                                  .Ret<In>()  // x_hat
+                                  .Ret<In>()  // dW_d
+                                  .Ret<In>()  // dW_e
+                                  .Ret<In>()  // db_e
+                                  .Ret<In>()  // colsum
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count
 );

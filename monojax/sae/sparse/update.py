@@ -34,19 +34,20 @@ def supports(recipe) -> bool:
   return recipe.name in RECIPES
 
 
-def _kernel(pre, xe, x, W_d, b_d, l1, c: float):
-  """(f, x_hat, dW_d data term, dW_e, db_e, colsum) from the FFI kernel; pre's buffer becomes f."""
-  lead, (B, m), d = pre.shape[:-2], pre.shape[-2:], x.shape[-1]
-  shape = lambda *s: jax.ShapeDtypeStruct((*lead, *s), F32)  # noqa: E731
+def _kernel(xw, b_e, xe, x, W_d, b_d, l1, c: float):
+  """(x_hat, dW_d data term, dW_e, db_e, colsum, count) from the FFI kernel (kernels.cc)."""
+  lead, (B, m), d = xw.shape[:-2], xw.shape[-2:], x.shape[-1]
+  shape = lambda *s, dtype=F32: jax.ShapeDtypeStruct((*lead, *s), dtype)  # noqa: E731
   call = jax.ffi.ffi_call(
-      build.TARGET, (shape(B, m), shape(B, d), shape(m, d), shape(d, m), shape(m), shape(m)),
-      vmap_method="broadcast_all", input_output_aliases={0: 0})
-  return call(pre, xe, x, W_d, b_d, l1, c=np.float32(c))
+      build.TARGET, (shape(B, d), shape(m, d), shape(d, m), shape(m), shape(m), shape(m, dtype=jnp.int32)),
+      vmap_method="broadcast_all")
+  return call(xw, b_e, xe, x, W_d, b_d, l1, c=np.float32(c))
 
 
 def value_and_grad(recipe, cfg, params, x, l1_coef, dead):
   """((loss, aux), grads) of `recipes.loss(recipe, cfg, params, x, l1_coef, dead)` w.r.t. params,
-  for one SAE (vmappable). aux: {"f", "x_hat", "recon", "sparsity", "aux_k" (0)}."""
+  for one SAE (vmappable). aux: {"f", "x_hat", "recon", "sparsity", "aux_k" (0), "fired_count",
+  "f_colsum"}."""
   del cfg, dead  # no AuxK for the ReLU recipes
   if not supports(recipe):
     raise ValueError(f"the sparse update supports recipes {RECIPES}, not {recipe.name!r}")
@@ -64,8 +65,8 @@ def value_and_grad(recipe, cfg, params, x, l1_coef, dead):
     norms = jnp.linalg.norm(W_d, axis=-1)
     xe, c = x, 2.0 / B
     l1 = l1_coef * norms / B
-  pre = xe @ W_e + b_e
-  f, x_hat, dW_d, dW_e, db_e, colsum = _kernel(pre, xe, x, W_d, b_d, l1, c)
+  xw = xe @ W_e  # the one GEMM; b_e is added inside the kernel, so no [B, m] pre is stored
+  x_hat, dW_d, dW_e, db_e, colsum, count = _kernel(xw, b_e, xe, x, W_d, b_d, l1, c)
 
   sq = jnp.square(x - x_hat)
   db_d = c * (x_hat - x).sum(0)
@@ -76,7 +77,10 @@ def value_and_grad(recipe, cfg, params, x, l1_coef, dead):
     recon, sparsity = sq.sum(-1).mean(), (colsum * norms).sum() / B
     dW_d = dW_d + (l1_coef / B) * (colsum / norms)[:, None] * W_d
   loss = recon + l1_coef * sparsity
-  aux = {"f": f, "x_hat": x_hat, "recon": recon, "sparsity": sparsity, "aux_k": jnp.zeros((), F32)}
+  # "f" is lazy: XLA forms it only if a caller reads it. core reads the firing statistics
+  # "fired_count" [m] (int32) and "f_colsum" [m] = Σ_b f_bi instead, which cost no [B, m] pass.
+  aux = {"f": jax.nn.relu(xw + b_e), "x_hat": x_hat, "recon": recon, "sparsity": sparsity,
+         "aux_k": jnp.zeros((), F32), "fired_count": count, "f_colsum": colsum}
   return (loss, aux), {"W_e": dW_e, "b_e": db_e, "W_d": dW_d, "b_d": db_d}
 
 
