@@ -14,8 +14,10 @@ to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI cal
         dW_d,i += (λ/B)·(Σ_b f_bi)·W_d,i/‖W_d,i‖ (cheap in XLA from the kernel's column sums).
 
 Stacked members (core vmaps over them) go through the custom call as one call looping over the
-leading axis. Under a mesh XLA's partitioner replicates the custom call's operands, which is
-correct (the encoder GEMM and the Adam update stay sharded).
+leading axis. Under a mesh, XLA's partitioner all-gathers the custom call's operands and runs it
+on every device: correct, and the encoder GEMM and Adam stay sharded, but the kernel's work is
+repeated per device (the default CPU setup has one device; a sharded kernel would need x̂ summed
+over feature shards between two calls).
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monojax.sae import recipes
 from monojax.sae.sparse import build
 
 F32 = jnp.float32
@@ -93,6 +94,8 @@ def wanted(sae_cfg, recipe) -> bool:
   if mode == "on":
     if not supports(recipe):
       return False  # "on" applies to the recipes it can serve; topk groups stay dense
+    if jax.default_backend() != "cpu":
+      raise RuntimeError(f"sae.sparse_update='on' needs the CPU backend, not {jax.default_backend()!r}")
     if not build.available():
       raise RuntimeError("sae.sparse_update='on' but the sparse SAE kernels could not be built "
                          "(see the warning logged); set it to 'auto' or 'off'")
