@@ -12,7 +12,7 @@ from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from monojax.sae import core, recipes, sae_config, sparse
-from monojax.sae.sparse import build
+from monojax.sae.sparse import build, update as sparse_update
 
 D, M, B, T = 37, 302, 204, 100  # no multiple of a SIMD width (B, M divide the 4x2 test mesh)
 HEAVY = (0, 57, 203)            # rows with most features active
@@ -49,27 +49,42 @@ def rel_err(a, b):
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+# (state, MAX_DENSITY): the heavy-tailed state takes the kernel; a state with b_e = 0 fires about
+# half of all features and takes the dense formulas; each is also forced down the other branch.
+CASES = [("sparse", None), ("sparse", -1.0), ("dense", None), ("dense", 1.0)]
+
+
 @pytest.mark.parametrize("name", ["2023", "2024"])
-def test_matches_dense_value_and_grad(kernels, name):
+@pytest.mark.parametrize("state,max_density", CASES)
+def test_matches_dense_value_and_grad(kernels, monkeypatch, name, state, max_density):
+  if max_density is not None:
+    monkeypatch.setattr(sparse_update, "MAX_DENSITY", max_density)
   rec, cfg, dead = recipes.get(name), sae_config(), jnp.zeros(M, bool)
   lam = {"2023": 0.004, "2024": 5.0}[name]
   dense = jax.value_and_grad(lambda p, x, l: recipes.loss(rec, cfg, p, x, l, dead), has_aux=True)
   ours = lambda p, x, l: sparse.value_and_grad(rec, cfg, p, x, l, dead)  # noqa: E731
   # Two stacked members with their own λ, vmapped as core does (x shared).
   ps = jax.tree.map(lambda a, b: np.stack([a, b]), params(0), params(1))
+  if state == "dense":
+    ps["b_e"] = np.zeros_like(ps["b_e"])
   lams = jnp.asarray([lam, 2 * lam], jnp.float32)
   x = acts(1)
   run = lambda fn: jax.jit(jax.vmap(fn, in_axes=(0, None, 0)))(ps, x, lams)  # noqa: E731
   (l_d, a_d), g_d = run(dense)
   (l_s, a_s), g_s = run(ours)
   l0 = np.asarray((a_d["f"] > 0).sum(-1))
-  assert np.median(l0) < 40 and l0[:, list(HEAVY)].min() > 0.6 * M  # the state is what we meant
+  if state == "sparse":  # the state is what we meant
+    assert np.median(l0) < 40 and l0[:, list(HEAVY)].min() > 0.6 * M and l0.mean() < 0.1 * M
+  else:
+    assert l0.mean() > 0.3 * M
   for k in g_d:
     assert rel_err(g_s[k], g_d[k]) <= 1e-5, (k, rel_err(g_s[k], g_d[k]))
   np.testing.assert_allclose(l_s, l_d, rtol=1e-5)
   for k in ("recon", "sparsity", "aux_k"):
     np.testing.assert_allclose(a_s[k], a_d[k], rtol=1e-5, atol=1e-12)
   np.testing.assert_array_equal(a_s["f"], a_d["f"])
+  np.testing.assert_array_equal(a_s["fired_count"], (a_d["f"] > 0).sum(1))
+  assert rel_err(a_s["f_colsum"], a_d["f"].sum(1)) <= 1e-5
   assert rel_err(a_s["x_hat"], a_d["x_hat"]) <= 1e-5
 
 

@@ -13,13 +13,22 @@ to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI cal
   2024: xe = x, c = 2/B, l1_i = λ‖W_d,i‖/B; db_d = Σ_b g_b, and the norm-weighted L1 adds the dense
         dW_d,i += (λ/B)·(Σ_b f_bi)·W_d,i/‖W_d,i‖ (cheap in XLA from the kernel's column sums).
 
-Stacked members (core vmaps over them) go through the custom call as one call looping over the
-leading axis. Under a mesh, XLA's partitioner all-gathers the custom call's operands and runs it
-on every device: correct, and the encoder GEMM and Adam stay sharded, but the kernel's work is
-repeated per device (the default CPU setup has one device; a sharded kernel would need x̂ summed
-over feature shards between two calls).
+Dense activity. The kernel's cost grows with |A| and beats the four remaining dense GEMMs only
+while few features fire: a fresh SAE fires about half of them, where the kernel measured 3.5x
+slower than the dense step. So the density is estimated on a strided sample of rows and above
+MAX_DENSITY the same formulas run as dense GEMMs (lax.cond; the encoder GEMM is shared). The
+predicate must not be batched (vmap turns a batched cond into both branches), so this function
+has its own vmap rule: stacked members (core vmaps over them) share one decision, and go through
+the custom call as one call looping over the leading axis.
+
+Under a mesh, XLA's partitioner all-gathers the custom call's operands and runs it on every
+device: correct, and the encoder GEMM and Adam stay sharded, but the kernel's work is repeated
+per device (the default CPU setup has one device; a sharded kernel would need x̂ summed over
+feature shards between two calls).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,71 +38,120 @@ from monojax.sae.sparse import build
 
 F32 = jnp.float32
 RECIPES = ("2023", "2024")
+MAX_DENSITY = 0.1   # fraction of active entries above which the dense formulas run (crossover ~0.12 measured)
+PROBE_ROWS = 256    # rows sampled for that estimate
 
 
 def supports(recipe) -> bool:
   return recipe.name in RECIPES
 
 
+def value_and_grad(recipe, cfg, params, x, l1_coef, dead):
+  """((loss, aux), grads) of `recipes.loss(recipe, cfg, params, x, l1_coef, dead)` w.r.t. params,
+  for one SAE (vmappable). aux: {"f", "x_hat", "recon", "sparsity", "aux_k" (0), "fired_count"
+  (int32 [m], firings per feature), "f_colsum" ([m], Σ_b f_bi)}."""
+  del cfg, dead  # no AuxK for the ReLU recipes
+  if not supports(recipe):
+    raise ValueError(f"the sparse update supports recipes {RECIPES}, not {recipe.name!r}")
+  if not build.available():
+    raise RuntimeError("the sparse SAE kernels are not available (see the warning logged)")
+  params = {k: jnp.asarray(params[k], F32) for k in ("W_e", "b_e", "W_d", "b_d")}
+  return _batchable(recipe.name)(params, jnp.asarray(x, F32), jnp.asarray(l1_coef, F32))
+
+
+@functools.cache
+def _batchable(name):
+  """value_and_grad for one SAE, whose vmap rule calls `_stacked` once for all members."""
+  @jax.custom_batching.custom_vmap
+  def one(params, x, l1_coef):
+    out = _stacked(name, jax.tree.map(lambda a: a[None], params), x, l1_coef[None])
+    return jax.tree.map(lambda a: a[0], out)
+
+  @one.def_vmap
+  def rule(axis_size, in_batched, params, x, l1_coef):
+    p_batched, x_batched, l1_batched = in_batched
+    grow = lambda a, batched: a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))  # noqa: E731
+    params = {k: grow(v, p_batched[k]) for k, v in params.items()}
+    out = _stacked(name, params, x, grow(l1_coef, l1_batched), x_batched=x_batched)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return one
+
+
+def _stacked(name, params, x, l1_coef, x_batched=False):
+  """((loss, aux), grads) for S stacked SAEs: params leaves [S, ...], l1_coef [S], x [B, d] shared
+  (or [S, B, d] when x_batched)."""
+  W_e, b_e, W_d, b_d = params["W_e"], params["b_e"], params["W_d"], params["b_d"]
+  S, m = b_e.shape
+  xs = x if x_batched else jnp.broadcast_to(x, (S, *x.shape))
+  B, d = xs.shape[1:]
+  if name == "2023":
+    xe, c = xs - b_d[:, None], 2.0 / (B * d)
+    l1 = jnp.broadcast_to((l1_coef / B)[:, None], (S, m))
+  else:
+    norms = jnp.linalg.norm(W_d, axis=-1)
+    xe, c = xs, 2.0 / B
+    l1 = l1_coef[:, None] * norms / B
+  # The one encoder GEMM (pre = xw + b_e is never stored), batched as vmap batches recipes.forward
+  # (so f > 0 agrees bit for bit with the dense update's).
+  if name == "2024" and not x_batched:
+    xw = jax.vmap(jnp.matmul, in_axes=(None, 0))(x, W_e)
+  else:
+    xw = jax.vmap(jnp.matmul)(xe, W_e)
+  probe = xw[:, :: max(1, B // PROBE_ROWS)] + b_e[:, None]
+  sparse_enough = (probe > 0).mean() <= MAX_DENSITY
+
+  def sparse(xw):
+    x_hat, dW_d, dW_e, db_e, colsum, count = _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c)
+    return x_hat, dW_d, dW_e, db_e, colsum, count
+
+  def dense(xw):  # the same formulas with GEMMs (what autodiff of recipes.loss computes)
+    pre = xw + b_e[:, None]
+    f = jax.nn.relu(pre)
+    x_hat = jnp.einsum("sbm,smd->sbd", f, W_d) + b_d[:, None]
+    g = c * (x_hat - xs)
+    df = jnp.where(pre > 0, jnp.einsum("sbd,smd->sbm", g, W_d) + l1[:, None], 0.0)
+    return (x_hat, jnp.einsum("sbm,sbd->smd", f, g), jnp.einsum("sbd,sbm->sdm", xe, df), df.sum(1), f.sum(1),
+            (pre > 0).sum(1, dtype=jnp.int32))
+
+  x_hat, dW_d, dW_e, db_e, colsum, count = jax.lax.cond(sparse_enough, sparse, dense, xw)
+  sq = jnp.square(xs - x_hat)
+  db_d = c * (x_hat - xs).sum(1)
+  if name == "2023":
+    recon, sparsity = sq.mean((1, 2)), colsum.sum(-1) / B
+    db_d = db_d - jnp.einsum("sdm,sm->sd", W_e, db_e)
+  else:
+    recon, sparsity = sq.sum(-1).mean(-1), (colsum * norms).sum(-1) / B
+    dW_d = dW_d + (l1_coef / B)[:, None, None] * (colsum / norms)[..., None] * W_d
+  loss = recon + l1_coef * sparsity
+  # "f" is lazy: XLA forms it only if a caller reads it. core reads "fired_count" and "f_colsum"
+  # instead, which cost no [B, m] pass.
+  aux = {"f": jax.nn.relu(xw + b_e[:, None]), "x_hat": x_hat, "recon": recon, "sparsity": sparsity,
+         "aux_k": jnp.zeros((S,), F32), "fired_count": count, "f_colsum": colsum}
+  return (loss, aux), {"W_e": dW_e, "b_e": db_e, "W_d": dW_d, "b_d": db_d}
+
+
 def _kernel(xw, b_e, xe, x, W_d, b_d, l1, c: float):
-  """(x_hat, dW_d data term, dW_e, db_e, colsum, count) from the FFI kernel (kernels.cc)."""
-  lead, (B, m), d = xw.shape[:-2], xw.shape[-2:], x.shape[-1]
-  shape = lambda *s, dtype=F32: jax.ShapeDtypeStruct((*lead, *s), dtype)  # noqa: E731
+  """(x_hat, dW_d data term, dW_e, db_e, colsum, count) from the FFI kernel (kernels.cc); every
+  operand has the leading member axis S."""
+  (S, B, m), d = xw.shape, x.shape[-1]
+  shape = lambda *s, dtype=F32: jax.ShapeDtypeStruct((S, *s), dtype)  # noqa: E731
   call = jax.ffi.ffi_call(
       build.TARGET, (shape(B, d), shape(m, d), shape(d, m), shape(m), shape(m), shape(m, dtype=jnp.int32)),
       vmap_method="broadcast_all")
   return call(xw, b_e, xe, x, W_d, b_d, l1, c=np.float32(c))
 
 
-def value_and_grad(recipe, cfg, params, x, l1_coef, dead):
-  """((loss, aux), grads) of `recipes.loss(recipe, cfg, params, x, l1_coef, dead)` w.r.t. params,
-  for one SAE (vmappable). aux: {"f", "x_hat", "recon", "sparsity", "aux_k" (0), "fired_count",
-  "f_colsum"}."""
-  del cfg, dead  # no AuxK for the ReLU recipes
-  if not supports(recipe):
-    raise ValueError(f"the sparse update supports recipes {RECIPES}, not {recipe.name!r}")
-  if not build.available():
-    raise RuntimeError("the sparse SAE kernels are not available (see the warning logged)")
-  W_e, b_e, W_d, b_d = (jnp.asarray(params[k], F32) for k in ("W_e", "b_e", "W_d", "b_d"))
-  x = jnp.asarray(x, F32)
-  B, d = x.shape
-  m = W_e.shape[-1]
-  l1_coef = jnp.asarray(l1_coef, F32)
-  if recipe.name == "2023":
-    xe, c = x - b_d, 2.0 / (B * d)
-    l1 = jnp.broadcast_to(l1_coef / B, (m,))
-  else:
-    norms = jnp.linalg.norm(W_d, axis=-1)
-    xe, c = x, 2.0 / B
-    l1 = l1_coef * norms / B
-  xw = xe @ W_e  # the one GEMM; b_e is added inside the kernel, so no [B, m] pre is stored
-  x_hat, dW_d, dW_e, db_e, colsum, count = _kernel(xw, b_e, xe, x, W_d, b_d, l1, c)
-
-  sq = jnp.square(x - x_hat)
-  db_d = c * (x_hat - x).sum(0)
-  if recipe.name == "2023":
-    recon, sparsity = sq.mean(), colsum.sum() / B
-    db_d = db_d - W_e @ db_e
-  else:
-    recon, sparsity = sq.sum(-1).mean(), (colsum * norms).sum() / B
-    dW_d = dW_d + (l1_coef / B) * (colsum / norms)[:, None] * W_d
-  loss = recon + l1_coef * sparsity
-  # "f" is lazy: XLA forms it only if a caller reads it. core reads the firing statistics
-  # "fired_count" [m] (int32) and "f_colsum" [m] = Σ_b f_bi instead, which cost no [B, m] pass.
-  aux = {"f": jax.nn.relu(xw + b_e), "x_hat": x_hat, "recon": recon, "sparsity": sparsity,
-         "aux_k": jnp.zeros((), F32), "fired_count": count, "f_colsum": colsum}
-  return (loss, aux), {"W_e": dW_e, "b_e": db_e, "W_d": dW_d, "b_d": db_d}
-
-
 def wanted(sae_cfg, recipe) -> bool:
   """Whether core should use the sparse update for this recipe: sae_cfg.sparse_update "auto"
-  (kernels built, CPU backend, a ReLU recipe), "on" (required: errors if impossible) or "off"."""
+  (kernels built, CPU backend, a ReLU recipe), "on" (required: errors if impossible; topk groups
+  stay dense) or "off"."""
   mode = str(sae_cfg.get("sparse_update", "auto"))
   if mode == "off":
     return False
   if mode == "on":
     if not supports(recipe):
-      return False  # "on" applies to the recipes it can serve; topk groups stay dense
+      return False
     if jax.default_backend() != "cpu":
       raise RuntimeError(f"sae.sparse_update='on' needs the CPU backend, not {jax.default_backend()!r}")
     if not build.available():
