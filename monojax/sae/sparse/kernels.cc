@@ -13,7 +13,7 @@
 //      rows, g_b = c(x̂_b − x_b), df_bi = g_b·W_d,i + l1_i, count entries per feature;
 //   2. prefix sums -> per-feature (CSR) offsets for every chunk (a parallel counting sort);
 //   3. chunks scatter their entries (row, f, df) into the per-feature lists;
-//   4. features (parallel over blocks of 16): dW_d,i = Σ f_bi g_b, dW_e[:,i] = Σ df_bi xe_b,
+//   4. features (parallel over blocks of 64): dW_d,i = Σ f_bi g_b, dW_e[:,i] = Σ df_bi xe_b,
 //      db_e,i = Σ df_bi. Each block owns its features, so there are no atomics, and every sum runs
 //      in row order: the result does not depend on the number of threads.
 #include <immintrin.h>
@@ -264,7 +264,7 @@ struct Member {
   int32_t* count;
 };
 
-constexpr int64_t kFeatBlock = 16;
+constexpr int64_t kFeatBlock = 64;
 
 void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, int64_t m, float c) {
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(B, 8 * par.threads()));
@@ -340,8 +340,9 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
     }
   });
 
-  // 4. Features: outer-product sums over each feature's rows; dW_e columns go out 16 at a time
-  //    through a small [16, d] tile, so the transposed writes are whole cache lines.
+  // 4. Features: outer-product sums over each feature's rows. dW_e [d, m] columns go out through a
+  //    [64, d] tile: each of its d rows gets 64 contiguous floats (16 measured ~20 % slower at
+  //    m = 16,384: every row of dW_e is its own 4 KB page, so narrow writes are TLB misses).
   par.For(n_blocks, [&](int64_t blk) {
     thread_local std::vector<float> tile;
     if (static_cast<int64_t>(tile.size()) < kFeatBlock * d) tile.resize(kFeatBlock * d);
