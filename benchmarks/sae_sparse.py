@@ -29,6 +29,8 @@ if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
   os.execv(sys.executable, [sys.executable, *sys.argv])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -66,7 +68,7 @@ def synthetic_acts(n, d, seed, n_true=4096):
 def make_state(cfg, width, d, calib):
   """Fresh state with b_e set so feature i fires on a Zipf-distributed fraction of `calib` rows."""
   state = core.init_state(cfg, d, jax.random.key(width), calib, T)
-  (gkey, group), = state["groups"].items()
+  (group,) = state["groups"].values()
   p = jax.tree.map(lambda a: np.asarray(a[0]), group["params"])
   scale = float(state["input_scale"]) if recipes.get(cfg.saes.split(":")[2]).scales_input else 1.0
   pre = np.sort((calib * scale - p["b_d"]) @ p["W_e"], axis=0)  # b_d is 0 for 2024
@@ -76,6 +78,15 @@ def make_state(cfg, width, d, calib):
   p["b_e"] = -pre[q, np.arange(width)].astype(np.float32)
   group["params"] = {k: jnp.asarray(v[None]) for k, v in p.items()}
   return state
+
+
+def loss_and_grads(rec, cfg, params, x):
+  (loss, _), grads = sparse.value_and_grad(rec, cfg, params, x, 1e-3, None)
+  return loss, grads
+
+
+def run_once(fn, *args):
+  jax.block_until_ready(fn(*args))
 
 
 def time_round_robin(fns, steps, warmup):
@@ -125,8 +136,8 @@ def main(_):
     params = core.member_params(box["state"], 0)
     x0 = xs[0] * (box["state"]["input_scale"] if rec.scales_input else 1.0)
     enc = jax.jit(lambda p, x: (x - p["b_d"]) @ p["W_e"] + p["b_e"])
-    vg = jax.jit(lambda p, x: (lambda r: (r[0][0], r[1]))(sparse.value_and_grad(rec, cfg, p, x, 1e-3, None)))
-    parts = [lambda: jax.block_until_ready(enc(params, x0)), lambda: jax.block_until_ready(vg(params, x0))]
+    vg = jax.jit(functools.partial(loss_and_grads, rec, cfg))
+    parts = [functools.partial(run_once, enc, params, x0), functools.partial(run_once, vg, params, x0)]
     dense_s, sparse_s, enc_s, vg_s = time_round_robin(steps + parts, _STEPS.value, _WARMUP.value)
     l0 = np.concatenate([np.asarray(jax.jit(lambda p, x: (recipes.forward(rec, p, x)[1] > 0).sum(-1))(
         core.member_params(box["state"], 0), x * (box["state"]["input_scale"] if rec.scales_input else 1.0)))

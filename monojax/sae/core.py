@@ -33,8 +33,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monojax import errors, sharding
-from monojax.sae import metrics as metrics_lib, recipes, resample as resample_lib
-from monojax.sae import sparse
+from monojax.sae import metrics as metrics_lib, recipes, resample as resample_lib, sparse
 
 F32 = jnp.float32
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "l1", "recon", "sparsity", "aux_k", "grad_norm", "lr", "l1_coef",
