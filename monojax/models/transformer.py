@@ -137,17 +137,33 @@ class Transformer(nnx.Module):
     mlp_replace: optional {layer: fn(post [B, T, d_mlp]) -> replacement}; the tapped activations
     returned are always the model's own (before replacement).
     """
+    x = self._embed(tokens)
+    posts = []
+    for i, block in enumerate(self.blocks):
+      x, post = block(x, (mlp_replace or {}).get(i))
+      posts.append(post)
+    return self.ln_final(x), posts
+
+  def mlp_activations(self, tokens, upto: int):
+    """[MLP post-ReLU of blocks 0..upto]: the forward pass cut after block `upto`'s MLP (no later
+    blocks, no unembedding; TransformerLens' stop_at_layer). What a frozen-LM SAE step needs."""
+    if not 0 <= upto < len(self.blocks):
+      raise ValueError(f"layer {upto} is not in this {len(self.blocks)}-layer model")
+    x = self._embed(tokens)
+    posts = []
+    for block in list(self.blocks)[:upto + 1]:
+      x, post = block(x)
+      posts.append(post)
+    return posts
+
+  def _embed(self, tokens):
     x = jnp.take(self.W_E[...], tokens, axis=0)
     if hasattr(self, "W_pos"):
       T = tokens.shape[1]
       if T > self.W_pos.shape[0]:
         raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.W_pos.shape[0]}")
       x = x + self.W_pos[...][:T]
-    posts = []
-    for i, block in enumerate(self.blocks):
-      x, post = block(x, (mlp_replace or {}).get(i))
-      posts.append(post)
-    return self.ln_final(x), posts
+    return x
 
   def unembed_weight(self):
     return self.W_E[...].T if self.tied else self.W_U[...]

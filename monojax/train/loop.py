@@ -175,7 +175,7 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
             token_bytes=token_bytes)
   batch_sh = {"tokens": sharding.batch_sharding(mesh)}
   if frozen:
-    lm_update = step_lib.make_lm_forward_only(graphdef, **kw)
+    lm_update = step_lib.make_lm_forward_only(graphdef, layer=cfg.sae.layer, dtype=cfg.train.dtype)
   else:
     lm_update = step_lib.make_lm_update(graphdef, tx, schedule, inject_nan_step=cfg.train.inject_nan_step, **kw)
   jit_kw = dict(in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
@@ -203,8 +203,10 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
   mem_txt = f", temp {mem.temp_size_in_bytes / 2**20:.0f} MiB/device" if mem is not None else ""
   n_matmul = state_lib.count_params(state["params"])
   flops_tok = metrics_lib.lm_flops_per_token(cfg.model, cfg.data.seq_len, n_matmul)
-  if frozen:
-    flops_tok /= 3.0  # forward only
+  if frozen:  # forward only, through block sae.layer: 2 N over those blocks' matmuls + attention
+    n_blocks = cfg.sae.layer + 1
+    n_matmul = sum(state_lib.count_params(state["params"]["blocks"][i]) for i in range(n_blocks))
+    flops_tok = 2.0 * n_matmul + 4.0 * n_blocks * cfg.data.seq_len * cfg.model.n_heads * cfg.model.d_head
   peak, peak_src = metrics_lib.peak_flops(cfg.train.peak_flops)
   log(f"model: {state_lib.count_params(state['params'], exclude=()):,} params ({n_matmul:,} in matmuls), "
       f"vocab {tokenizer.vocab_size:,} -> {cfg.model.vocab_size:,}; step compiled in {time.time() - t0:.1f}s{mem_txt}; "

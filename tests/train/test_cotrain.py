@@ -40,7 +40,7 @@ def test_frozen_lm_lambda_sweep_in_one_job(base_args, tmp_path):
   rows = _metrics(sweep)
   assert all(f"sae{i}/l1_coef" in rows[8] for i in range(3))
   assert [round(rows[8][f"sae{i}/l1_coef"], 6) for i in range(3)] == [0.002, 0.004, 0.008]
-  assert rows[2]["grad_norm"] == 0.0  # the LM is frozen: forward only
+  assert "loss" not in rows[2] and "grad_norm" not in rows[2]  # frozen: forward only, cut at the SAE's layer
   lm_loss = json.loads((lm / "metrics.jsonl").read_text().splitlines()[-1])
   assert lm_loss  # the LM run's own metrics are untouched
   assert "sae2 [64 2023 l1=0.008] loss recovered" in out

@@ -37,7 +37,7 @@ def _run(args, timeout=180):
 
 def _metrics(wd):
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
-  return {r["step"]: r for r in rows if "loss" in r}
+  return {r["step"]: r for r in rows if "tokens_per_s" in r}  # training-step rows (not eval rows)
 
 
 def _wait_for(pred, proc, timeout=120):

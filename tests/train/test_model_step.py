@@ -80,6 +80,24 @@ def test_chunked_loss_never_materialises_all_logits(chunk):
   assert dots and all("f32[" in line and line.split("=")[1].split("{")[0].count(",") == 1 for line in dots)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_frozen_forward_stops_at_the_sae_layer(layer):
+  """The frozen-LM step returns the same MLP activations as the full model, computes no unembedding
+  (no GEMM with the vocab dimension) and changes nothing but the step counter."""
+  c = tiny_cfg(n_layers=2)
+  model = transformer.Transformer(c.model, rngs=nnx.Rngs(params=0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = _tokens()
+  _, posts_full = model(tokens[:, :-1])
+  fwd = jax.jit(sp.make_lm_forward_only(graphdef, layer=layer, dtype="float32"))
+  state = {"params": params, "step": jnp.zeros((), jnp.int32)}
+  new_state, metrics, posts = fwd(state, tokens)
+  assert len(posts) == layer + 1 and metrics == {} and int(new_state["step"]) == 1
+  np.testing.assert_allclose(posts[layer], posts_full[layer], rtol=1e-6, atol=1e-6)
+  hlo = fwd.lower(state, tokens).compile().as_text()
+  assert not [line for line in hlo.splitlines() if " dot(" in line and ",256]" in line.split("=")[1].split(" dot(")[0]]
+
+
 def _run_steps(c, mesh, n=3, dtype="float32"):
   sched = st.make_schedule(c.train)
   tx = st.make_optimizer(c.train, sched)
