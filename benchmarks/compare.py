@@ -145,6 +145,7 @@ class Row:
   flops_per_unit: float | None = None
   anchor_name: str = ""
   note: str = ""
+  sparse_sae: bool = False           # mj runs the sparse SAE update: its %peak is dense-equivalent
 
   def ratio(self, rate):
     if rate is None or self.anchor is None:
@@ -153,7 +154,7 @@ class Row:
 
 
 ROWS: list[Row] = []
-_peaks: list[float] = []
+_peaks: list[tuple[str, float]] = []   # (library, FLOP/s) of every matmul probe
 
 
 def _fmt_rate(x):
@@ -165,14 +166,17 @@ def _fmt_ratio(r, lower):
 
 
 def print_summary(quick: bool, anchors_ok: bool) -> None:
-  peak = max(_peaks) if _peaks else None
+  peak = max(f for _, f in _peaks) if _peaks else None
+  xla_peak = max((f for n, f in _peaks if n == "XLA"), default=None)
   print("\n" + "=" * 30 + " summary " + "=" * 30)
   print(f"ratio = monojax ÷ anchor in throughput (higher is better); for 'co-trained ÷ LM alone' a step-time ratio "
         f"(lower is better). mj = monojax with its default config"
         + ("; mj dense = sae.sparse_update='off'" if any(r.mj_dense is not None for r in ROWS) else "")
-        + (f"; %peak = achieved FLOP/s ÷ {peak / 1e9:.1f} GFLOP/s (f32 matmul peak of this run)" if peak else ""))
+        + (f"; %peak = achieved FLOP/s ÷ {peak / 1e9:.1f} GFLOP/s, this machine's f32 matmul peak (the best probe "
+           f"of this run, any library; XLA's own best {xla_peak / 1e9:.1f}); * = dense-equivalent FLOPs of a "
+           f"sparse SAE update (it does fewer), so it can exceed 100%" if peak else ""))
   head = (f"{'row':<46} {'unit':<6} {'mj':>9} {'mj dense':>9} {'anchor':>9} {'ratio':>7} {'r dense':>7} "
-          f"{'target':>8} {'result':>7} {'%peak':>6} {'%pk dns':>7}")
+          f"{'target':>8} {'result':>7} {'%peak':>7} {'%pk dns':>7}")
   print(head)
   print("-" * len(head))
   for r in ROWS:
@@ -186,11 +190,13 @@ def print_summary(quick: bool, anchors_ok: bool) -> None:
       res = "met" if (rat <= r.target if r.lower_is_better else rat >= r.target) else "MISSED"
     anc = _fmt_rate(r.anchor) if r.anchor is not None else ("n/a" if r.target is None else "unavail")
 
-    def pk(rate):
-      return "-" if (peak is None or rate is None or r.flops_per_unit is None) else f"{100 * rate * r.flops_per_unit / peak:.1f}%"
+    def pk(rate, star=""):
+      if peak is None or rate is None or r.flops_per_unit is None:
+        return "-"
+      return f"{100 * rate * r.flops_per_unit / peak:.1f}%{star}"
     print(f"{r.name:<46} {r.unit:<6} {_fmt_rate(r.mj):>9} {_fmt_rate(r.mj_dense):>9} {anc:>9} "
           f"{_fmt_ratio(rat, r.lower_is_better):>7} {_fmt_ratio(rat_d, r.lower_is_better):>7} {tgt:>8} {res:>7} "
-          f"{pk(r.mj):>6} {pk(r.mj_dense):>7}")
+          f"{pk(r.mj, '*' if r.sparse_sae else ''):>7} {pk(r.mj_dense):>7}")
   notes = [f"  {r.name}: {r.note}" for r in ROWS if r.note]
   if notes:
     print("notes:")
@@ -208,23 +214,39 @@ def log(msg: str) -> None:
   print(msg, flush=True)
 
 
-def measure_peak() -> float:
-  """f32 jitted matmul FLOP/s, best of 5 (as benchmarks/lm_step.py's anchor)."""
+def measure_peak(when: str) -> str:
+  """f32 matmul FLOP/s of a 4096x512 @ 512x4096 product, best of 5 (benchmarks/lm_step.py's
+  anchor shape), jitted in XLA and, when torch imports, in torch (MKL/oneDNN): on some CPUs the
+  two libraries' GEMMs differ by 1.4-2x, and the machine's peak is the faster one. Every probe
+  is kept; the summary uses the largest (a probe during load from other processes reads low)."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   m, k, n = MATMUL
-  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+  a = np.random.default_rng(0).random((m, k), dtype=np.float32)
+  b = np.random.default_rng(1).random((k, n), dtype=np.float32)
   f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  flops = 2 * m * k * n / best
-  _peaks.append(flops)
-  return flops
+  ja, jb = jnp.asarray(a), jnp.asarray(b)
+  runs = {"XLA": lambda: f(ja, jb).block_until_ready()}
+  try:
+    import torch
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    runs["torch"] = lambda: torch.matmul(ta, tb)
+  except ImportError:
+    pass
+  out = []
+  for name, fn in runs.items():
+    fn()
+    best = float("inf")
+    for _ in range(5):
+      time.sleep(0.005)
+      t0 = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - t0)
+    flops = 2 * m * k * n / best
+    _peaks.append((name, flops))
+    out.append(f"{name} {flops / 1e9:.1f}")
+  return f"f32 matmul {m}x{k} @ {k}x{n}, best of 5, {when}: " + ", ".join(out) + " GFLOP/s"
 
 
 def sparse_variants() -> list:
@@ -245,6 +267,12 @@ def sae_cfg(width: int, batch: int, args, sparse_update=None):
   if sparse_update is not None:
     c.sparse_update = sparse_update
   return c
+
+
+def sparse_default() -> bool:
+  """monojax's default SAE update is the sparse one (its %peak is then dense-equivalent)."""
+  v = sparse_variants()[0]
+  return v is not None and v != "off"
 
 
 def sae_flops(batch: int, d: int, m: int) -> float:
@@ -412,7 +440,7 @@ def part_sae(args, sh, anchors_ok: bool) -> None:
     ROWS.append(Row("sae", f"1 SAE update w{width:,} B{B:,} (L0 {l0m:.0f}/{l0p:.0f}/{l0x})", "act/s", rates[0],
                     rates[1] if nv > 1 else None, rates[nv] if anchors_ok else None,
                     T_SAE.get(width, T_SAE[4096] if width <= 4096 else T_SAE[16384]),
-                    flops_per_unit=sae_flops(1, d, width)))
+                    flops_per_unit=sae_flops(1, d, width), sparse_sae=sparse_default()))
   if anchor_desc:
     log(f"part 1 anchor: {anchor_desc}")
   log("part 1: L0 in the row names is mean/p99/max features firing per row of the timed batches")
@@ -562,7 +590,14 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
     kw = dict(vocab_size=vocab, dtype="float32", loss_chunk=cfg.train.loss_chunk,
               token_bytes=jnp.ones((vocab,), jnp.int32))
     lm_update = step_lib.make_lm_update(graphdef, tx, schedule, **kw)
-    lm_fwd_only = step_lib.make_lm_forward_only(graphdef, **kw)
+    # The frozen-LM step as train/loop.py builds it. Since 4531002 it stops at the SAE's layer (takes
+    # `layer`); before, it ran the whole forward with the LM loss.
+    import inspect
+    tap_only = "layer" in inspect.signature(step_lib.make_lm_forward_only).parameters
+    lm_fwd_only = step_lib.make_lm_forward_only(graphdef, **(dict(kw, layer=s.layer) if tap_only else kw))
+    frozen_note = ("monojax's frozen step (train/loop.py mode 'frozen') "
+                   + ("stops at the SAE's layer (no unembedding), as TL's stop_at_layer=1" if tap_only else
+                      "computes the full LM loss every step (unembedding + CE); TL stops at layer 1"))
     batch_sh = {"tokens": sharding.batch_sharding(mesh)}
 
     def jit_step(phase, upd, variant=None, sh_=full_sh):
@@ -603,6 +638,14 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
         + f"; SAE L0 on buffered activations mean {l0m:.1f}, p99 {l0p:.0f}, max {l0x}")
     tokens = batch * seq
     sae_flops_tok = sae_flops(plan.per_step, mlp, width) / tokens
+    if tap_only:  # forward to the tap: attention (4 d^2 MACs + 2 T d_attn) + W_in (d x mlp), 2 FLOPs per MAC
+      fwd_flops_tok = 2.0 * (4 * d * d + d * mlp) + 4.0 * seq * cfg.model.n_heads * cfg.model.d_head
+    else:         # the whole forward with the loss: a third of the training FLOPs
+      fwd_flops_tok = lm_flops_tok / 3
+    if m is not None and float(sae_m["fvu"][0]) > 0.9:
+      log(f"parts 3-4 vocab {vocab:,}: note: the SAE explains little of these activations (fvu "
+          f"{float(sae_m['fvu'][0]):.2f}: a fresh LM's MLP outputs on synthetic tokens), so it fires less than a "
+          f"trained SAE on a trained LM would; the sparse update's cost in these rows is a low estimate")
     tl_ready = False
     if anchors_ok:
       import torch
@@ -653,10 +696,10 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
       consumed[vocab] = rates[0]
       ROWS.append(Row("cotrain", f"3 co-trained vs TL+SAELens V{vocab:,}", "tok/s", rates[0],
                       rates[1] if nv > 1 else None, rates[nv + 1] if tl_ready else None, T_COTRAIN_VS_TL,
-                      flops_per_unit=lm_flops_tok + sae_flops_tok))
+                      flops_per_unit=lm_flops_tok + sae_flops_tok, sparse_sae=sparse_default()))
       ROWS.append(Row("cotrain", f"3 co-trained ÷ LM alone V{vocab:,}", "tok/s", rates[0],
                       rates[1] if nv > 1 else None, rates[nv], T_COTRAIN_OVER_LM, lower_is_better=True,
-                      flops_per_unit=lm_flops_tok + sae_flops_tok,
+                      flops_per_unit=lm_flops_tok + sae_flops_tok, sparse_sae=sparse_default(),
                       note="anchor column = monojax LM alone (the 'lm' phase of the same make_step)"
                       if vocab == sh["vocabs"][0] else ""))
       del fns
@@ -681,11 +724,11 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
                       for lab, (t, sp), f in zip(labels, res, firsts)))
       nv = len(variants)
       rates = [tokens / t for t, _ in res]
+      first = vocab == sh["vocabs"][0]
       ROWS.append(Row("frozen", f"4 frozen LM + SAE vs TL+SAELens V{vocab:,}", "tok/s", rates[0],
                       rates[1] if nv > 1 else None, rates[nv] if tl_ready else None, T_FROZEN,
-                      flops_per_unit=lm_flops_tok / 3 + sae_flops_tok,
-                      note="monojax's frozen step computes the full LM loss (unembedding + CE, reported as a "
-                           "metric); TL stops at layer 1 (no unembedding)" if vocab == sh["vocabs"][0] else ""))
+                      flops_per_unit=fwd_flops_tok + sae_flops_tok, sparse_sae=sparse_default(),
+                      note=frozen_note if first else ""))
       del fns
     del state, host_state
   return consumed
@@ -796,25 +839,23 @@ def main(argv) -> None:
           "interpreter: the monojax side only (bash benchmarks/setup_anchors.sh for a venv with them)")
   print(f"timing: median of {args.steps} timed steps after compile + {args.warmup} warm-up, round-robin per row",
         flush=True)
-  peak = measure_peak()
-  log(f"f32 matmul peak {MATMUL[0]}x{MATMUL[1]} @ {MATMUL[1]}x{MATMUL[2]} (best of 5): {peak / 1e9:.1f} GFLOP/s\n")
+  log(measure_peak("at the start") + "\n")
 
   if "sae" in args.parts:
     part_sae(args, sh, anchors_ok)
-    print()
+    log(measure_peak("after part 1") + "\n")
   if "lm" in args.parts:
     part_lm(args, sh, anchors_ok)
-    print()
+    log(measure_peak("after part 2") + "\n")
   consumed = {}
   if "cotrain" in args.parts or "frozen" in args.parts or "pipeline" in args.parts:
     consumed = part_jobs(args, sh, anchors_ok, do_cotrain="cotrain" in args.parts or "pipeline" in args.parts,
                          do_frozen="frozen" in args.parts)
-    print()
+    log(measure_peak("after parts 3-4") + "\n")
   if "pipeline" in args.parts:
     part_pipeline(args, sh, consumed)
-  peak2 = measure_peak()
+  log("\n" + measure_peak("at the end"))
   load1 = os.getloadavg()
-  log(f"\nf32 matmul peak again at the end: {peak2 / 1e9:.1f} GFLOP/s (the larger of the two is used)")
   print_summary(args.quick, anchors_ok or args.no_anchor)
   print(f"\nload average {load0[0]:.2f} -> {load1[0]:.2f}"
         + ("  [shared machine: other processes were using the CPU; compare only ratios within this run]"
