@@ -1,6 +1,6 @@
 """monojax measured side by side with SAELens and TransformerLens, in one process (a benchmark, not a test).
 
-  ~/.cache/monojax/anchors-venv/bin/python benchmarks/compare.py            # full run (~15 min, 2 cores)
+  ~/.cache/monojax/anchors-venv/bin/python benchmarks/compare.py            # full run (~40 min on a shared 2-core machine)
   ~/.cache/monojax/anchors-venv/bin/python benchmarks/compare.py --quick    # tiny shapes, 2 timed steps (< 90 s)
   python benchmarks/compare.py --quick      # without torch: the monojax side only ("anchor unavailable")
   ... --lm_workdir=runs/quickstart           # part 1's SAEs trained on that LM's real MLP activations
