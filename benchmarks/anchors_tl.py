@@ -113,13 +113,16 @@ def _adamw(model, *, lr, b1, b2, eps, weight_decay):
   return torch.optim.AdamW(model.parameters(), lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
 
 
-def lm_step(model, *, lr: float, b1: float, b2: float, eps: float, weight_decay: float, grad_clip: float):
-  """step(tokens int64 [B, T]) -> None: one fp32 TL training step, run to completion."""
+def lm_step(model, *, lr: float, b1: float, b2: float, eps: float, weight_decay: float, grad_clip: float,
+            fwd_hooks=()):
+  """step(tokens int64 [B, T]) -> None: one fp32 TL training step (with `fwd_hooks` attached), run
+  to completion."""
   import torch
   opt = _adamw(model, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
   def step(tokens):
-    loss = model(tokens, return_type="loss")
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+      loss = model(tokens, return_type="loss")
     loss.backward()
     if grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -186,20 +189,13 @@ def fill_buffer(model, buf: Buffer, token_batches) -> None:
 def cotrain_step(model, buf: Buffer, sae_anchor, *, lr: float, b1: float, b2: float, eps: float,
                  weight_decay: float, grad_clip: float):
   """step(tokens [B, T]) -> None: TL training step with a hook on HOOK, buffer exchange, SAELens update."""
-  import torch
-  opt = _adamw(model, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   box, hook = _hooked_acts(model)
+  lm = lm_step(model, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_clip=grad_clip,
+               fwd_hooks=[(HOOK, hook)])
 
   def step(tokens):
-    with model.hooks(fwd_hooks=[(HOOK, hook)]):
-      loss = model(tokens, return_type="loss")
-    loss.backward()
-    if grad_clip > 0:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    x = buf.exchange(buf.sample(box.pop("acts")))
-    sae_anchor.step(x)
+    lm(tokens)
+    sae_anchor.step(buf.exchange(buf.sample(box.pop("acts"))))
 
   return step
 

@@ -291,6 +291,11 @@ def _step_runner(fn, box, batches):
   return run
 
 
+def _per_token_timings(labels, res, firsts, tokens) -> str:
+  return "; ".join(f"{lab} {t * 1e3:.1f} ms ({tokens / t:,.0f} tok/s, spread {100 * sp:.0f}%, 1st call {f:.1f}s)"
+                   for lab, (t, sp), f in zip(labels, res, firsts))
+
+
 def _first_call(run) -> float:
   t0 = time.perf_counter()
   run()
@@ -560,7 +565,7 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
   import jax.numpy as jnp
   import sae_step
   from monojax import sharding
-  from monojax.sae import buffer as buffer_lib, core, cotrain
+  from monojax.sae import core, cotrain
   from monojax.train import metrics as metrics_lib, state as state_lib, step as step_lib
   d, mlp, _, _, seq, batch = sh["lm"]
   width, positions = sh["job_width"], sh["positions"]
@@ -583,10 +588,7 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
     lm_flops_tok = metrics_lib.lm_flops_per_token(cfg.model, seq, n_matmul)
     plan = cotrain.make_plan(cfg, cfg.train.steps)
     groups = core.groups_from_config(s)
-    state = dict(lm_state)
-    state["sae"] = cotrain.initial_sae_state(cfg, mlp, plan, mesh)
-    state["buffer"] = buffer_lib.init(plan.capacity, mlp, mesh)
-    full_sh = dict(lm_sh, sae=core.shardings(state["sae"], mesh), buffer=buffer_lib.shardings(mesh))
+    state, full_sh = cotrain.with_sae_and_buffer(cfg, lm_state, lm_sh, mlp, plan, mesh)
     kw = dict(vocab_size=vocab, dtype="float32", loss_chunk=cfg.train.loss_chunk,
               token_bytes=jnp.ones((vocab,), jnp.int32))
     lm_update = step_lib.make_lm_update(graphdef, tx, schedule, **kw)
@@ -689,8 +691,7 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
         labels.append("TL + hook + buffer + SAELens")
       res = sae_time(fns, args)
       log(f"part 3: co-trained job vocab {vocab:,} ({plan.per_step:,} activations/step into SAE {width:,}): "
-          + "; ".join(f"{lab} {t * 1e3:.1f} ms ({tokens / t:,.0f} tok/s, spread {100 * sp:.0f}%, 1st call {f:.1f}s)"
-                      for lab, (t, sp), f in zip(labels, res, firsts)))
+          + _per_token_timings(labels, res, firsts, tokens))
       nv = len(variants)
       rates = [tokens / t for t, _ in res]
       consumed[vocab] = rates[0]
@@ -720,8 +721,7 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
         labels.append("TL run_with_cache(stop_at_layer=1) + buffer + SAELens")
       res = sae_time(fns, args)
       log(f"part 4: frozen-LM SAE job vocab {vocab:,}: "
-          + "; ".join(f"{lab} {t * 1e3:.1f} ms ({tokens / t:,.0f} tok/s, spread {100 * sp:.0f}%, 1st call {f:.1f}s)"
-                      for lab, (t, sp), f in zip(labels, res, firsts)))
+          + _per_token_timings(labels, res, firsts, tokens))
       nv = len(variants)
       rates = [tokens / t for t, _ in res]
       first = vocab == sh["vocabs"][0]

@@ -322,7 +322,7 @@ def cotrain_row(name: str, shape: tuple, quick: bool, steps: int, warmup: int) -
   import numpy as np
   from monojax import sharding
   from monojax.config import base_config
-  from monojax.sae import buffer as buffer_lib, core, cotrain
+  from monojax.sae import core, cotrain
   from monojax.train import state as state_lib, step as step_lib
 
   d, mlp, heads, d_head, seq, batch, vocab, width, buffer_steps = shape
@@ -347,10 +347,7 @@ def cotrain_row(name: str, shape: tuple, quick: bool, steps: int, warmup: int) -
   graphdef, lm_state, lm_shardings = state_lib.init_state(cfg.model, tx, cfg.seed, mesh)
   plan = cotrain.make_plan(cfg, cfg.train.steps)
   groups = core.groups_from_config(s)
-  state = dict(lm_state)
-  state["sae"] = cotrain.initial_sae_state(cfg, mlp, plan, mesh)
-  state["buffer"] = buffer_lib.init(plan.capacity, mlp, mesh)
-  shardings = dict(lm_shardings, sae=core.shardings(state["sae"], mesh), buffer=buffer_lib.shardings(mesh))
+  state, shardings = cotrain.with_sae_and_buffer(cfg, lm_state, lm_shardings, mlp, plan, mesh)
   # Same wiring as train/loop.py run(); bits/byte is not measured here.
   lm_update = step_lib.make_lm_update(graphdef, tx, schedule, vocab_size=vocab, dtype=cfg.train.dtype,
                                       loss_chunk=cfg.train.loss_chunk, token_bytes=jnp.ones((vocab,), jnp.int32))

@@ -66,6 +66,13 @@ def initial_sae_state(cfg, d_in: int, plan: Plan, mesh):
   return jax.device_put(state, sae_core.shardings(state, mesh))
 
 
+def with_sae_and_buffer(cfg, lm_state: dict, lm_shardings: dict, d_in: int, plan: Plan, mesh):
+  """The LM state plus a placeholder SAE state and an empty mixing buffer, and the matching
+  shardings: the state every co-training / frozen step takes."""
+  state = dict(lm_state, sae=initial_sae_state(cfg, d_in, plan, mesh), buffer=buffer_lib.init(plan.capacity, d_in, mesh))
+  return state, dict(lm_shardings, sae=sae_core.shardings(state["sae"], mesh), buffer=buffer_lib.shardings(mesh))
+
+
 def make_init_from_buffer(cfg, d_in: int, plan: Plan, sae_shardings):
   """(buffer acts, key) -> fresh SAE state initialised on the buffer's activations, placed with
   `sae_shardings` (runs once per run, eagerly: the geometric median iterates on the host)."""

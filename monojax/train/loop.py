@@ -113,7 +113,7 @@ def load_lm(cfg, log):
 
 def run(cfg, workdir: str, log=logging.info) -> dict:
   """Trains per `cfg` in `workdir`; returns the last metrics (and last eval) as floats."""
-  from monojax.sae import buffer as buffer_lib, core as sae_core, cotrain, preview
+  from monojax.sae import core as sae_core, cotrain, preview
   mesh = sharding.make_mesh(cfg.mesh)
   is_main = jax.process_index() == 0
   frozen = cfg.mode == "frozen"
@@ -154,9 +154,7 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
     plan = cotrain.make_plan(cfg, total)
     groups = sae_core.groups_from_config(cfg.sae)
     sae_names = [f"{s.width} {s.recipe} l1={s.l1:g}" for s in sae_core.parse_specs(cfg.sae.saes)]
-    state["sae"] = cotrain.initial_sae_state(cfg, cfg.model.d_mlp, plan, mesh)
-    state["buffer"] = buffer_lib.init(plan.capacity, cfg.model.d_mlp, mesh)
-    shardings = dict(shardings, sae=sae_core.shardings(state["sae"], mesh), buffer=buffer_lib.shardings(mesh))
+    state, shardings = cotrain.with_sae_and_buffer(cfg, state, shardings, cfg.model.d_mlp, plan, mesh)
     log(f"sae: {len(sae_names)} SAE(s) [{'; '.join(sae_names)}] on layer {cfg.sae.layer} MLP activations; "
         f"{plan.positions} positions/context -> {plan.per_step:,} vectors/step through a {plan.capacity:,}-row "
         f"buffer; sampling from step {plan.start}, SAE init at step {plan.init_step}, "
