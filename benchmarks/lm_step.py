@@ -1,11 +1,12 @@
 """Tokens/s and FLOP/s of the LM training step (a benchmark, not a test).
 
-  python benchmarks/lm_step.py [--chunks=0,64] [--steps=8] [--quick]
+  python benchmarks/lm_step.py [--chunks=0,64] [--ce_kernels=off,auto] [--steps=8] [--quick]
 
 Times the jitted `make_train_step` (monojax/train/step.py) on a state from `init_state`
 (monojax/train/state.py), fp32, for the quickstart shapes (d 128, MLP 512, 1 layer, ctx 128,
 batch 32, vocab 8,192) and the paper shapes (ctx 256, batch 32, vocab 50,304 = NeoX's 50,277
-padded), each with loss_chunk 0 (whole sequence) and chunked. Anchor: a plain jitted f32 matmul
+padded), each with loss_chunk 0 (whole sequence) and chunked, with XLA's cross-entropy and with the
+CPU kernel (train.ce_kernel, monojax/train/cross_entropy.py). Anchor: a plain jitted f32 matmul
 (4096x512 @ 512x4096) measured in the same process; achieved FLOP/s (6 N + attention, as the
 training loop's MFU) is printed as a ratio to it. Each number is the median of --steps timed
 calls after the compile and 2 warm-up calls; the configurations and the anchor are timed
@@ -31,6 +32,7 @@ if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
 from absl import app, flags, logging  # noqa: E402
 
 _CHUNKS = flags.DEFINE_list("chunks", ["0", "64"], "train.loss_chunk values to time (0 = whole sequence)")
+_CE = flags.DEFINE_list("ce_kernels", ["off", "auto"], "train.ce_kernel values to time (off = XLA's loss)")
 _STEPS = flags.DEFINE_integer("steps", 8, "timed steps per configuration (median reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after the compile")
 _QUICK = flags.DEFINE_bool("quick", False, "tiny shapes, loss_chunk 0 and 8, 2 timed steps (smoke check)")
@@ -69,7 +71,7 @@ def matmul_runner():
   return lambda: f(a, b).block_until_ready()
 
 
-def lm_runner(shape, loss_chunk: int) -> tuple:
+def lm_runner(shape, loss_chunk: int, ce_kernel: str = "auto") -> tuple:
   """(callable running one training step to completion, info) for one shape and loss_chunk. The
   state lives in the closure and is donated step to step, as in the training loop."""
   import jax
@@ -94,7 +96,7 @@ def lm_runner(shape, loss_chunk: int) -> tuple:
   batch_sh = {"tokens": sharding.batch_sharding(mesh)}
   token_bytes = jnp.ones((vocab_pad,), jnp.int32)  # bits/byte is not what is measured here
   step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, vocab_size=vocab, dtype=cfg.train.dtype,
-                                          loss_chunk=loss_chunk, token_bytes=token_bytes),
+                                          loss_chunk=loss_chunk, token_bytes=token_bytes, ce_kernel=ce_kernel),
                  in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
   rng = np.random.default_rng(0)
   tokens = jax.device_put(rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32), batch_sh["tokens"])
@@ -135,15 +137,18 @@ def main(argv):
   # Everything is compiled first, then timed round-robin (one call of each per round): load from
   # other processes then falls on all configurations alike instead of on whichever ran last.
   m, k, n = MATMUL
+  from monojax.train import cross_entropy
   runners = [("anchor", None, None, matmul_runner(), None)]
+  ce_modes = [m for m in _CE.value if m == "off" or cross_entropy.use_kernel(m)] or ["off"]
   for name, shape in shapes.items():
     seq = shape[4]
     for chunk in chunks:
       if chunk and (chunk >= seq or seq % chunk):
         print(f"{name}: loss_chunk {chunk} does not divide ctx {seq} below it: skipped (step.py would use {seq})")
         continue
-      fn, info = lm_runner(shape, chunk)
-      runners.append((name, shape, chunk, fn, info))
+      for ce in ce_modes:
+        fn, info = lm_runner(shape, chunk, ce)
+        runners.append((name, shape, (chunk, "on" if ce != "off" else "off"), fn, info))
   for _ in range(warmup - 1):
     for r in runners:
       r[3]()
@@ -157,14 +162,14 @@ def main(argv):
   print(f"anchor: jitted f32 matmul {m}x{k} @ {k}x{n}: {med[0] * 1e3:.1f} ms, {anchor / 1e9:.1f} GFLOP/s "
         f"(best {min(times[0]) * 1e3:.1f} ms, spread {100 * spread[0]:.0f}%)\n")
 
-  head = (f"{'shape':<11} {'ctx':>4} {'batch':>5} {'vocab':>6} {'loss_chunk':>10} {'compile s':>9} {'step ms':>8} "
+  head = (f"{'shape':<11} {'ctx':>4} {'batch':>5} {'vocab':>6} {'loss_chunk':>10} {'CE kernel':>9} {'compile s':>9} {'step ms':>8} "
           f"{'best ms':>8} {'spread':>6} {'tokens/s':>9} {'MFLOP/tok':>9} {'GFLOP/s':>8} {'vs matmul':>9}")
   print(head)
   print("-" * len(head))
   for (name, shape, chunk, _, info), t, ts, sp in zip(runners[1:], med[1:], times[1:], spread[1:]):
     tok_s = info["tokens"] / t
     flops = tok_s * info["flops_per_token"]
-    print(f"{name:<11} {shape[4]:>4} {shape[5]:>5} {shape[6]:>6} {chunk:>10} {info['compile_s']:>9.1f} "
+    print(f"{name:<11} {shape[4]:>4} {shape[5]:>5} {shape[6]:>6} {chunk[0]:>10} {chunk[1]:>9} {info['compile_s']:>9.1f} "
           f"{t * 1e3:>8.1f} {min(ts) * 1e3:>8.1f} {100 * sp:>5.0f}% {tok_s:>9,.0f} "
           f"{info['flops_per_token'] / 1e6:>9.2f} {flops / 1e9:>8.1f} {flops / anchor:>9.3f}")
   load1 = os.getloadavg()

@@ -62,6 +62,7 @@ def base_config() -> config_dict.ConfigDict:
   t.grad_clip = 1.0                # global-norm clipping (0 = off)
   t.dtype = "float32"              # compute dtype: "float32" or "bfloat16" (fp32 master weights, fp32 loss)
   t.loss_chunk = 0                 # positions per unembedding/CE chunk (0 = whole sequence at once)
+  t.ce_kernel = "auto"             # CPU cross-entropy kernel: auto (CPU, one device) | on | off
   t.log_every = 10                 # steps between metric lines (metrics.jsonl, TensorBoard, console)
   t.eval_every = 200               # steps between held-out evaluations (0 = only at the end)
   t.eval_batches = 8               # validation batches per evaluation (same batches every time)

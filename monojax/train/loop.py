@@ -175,7 +175,8 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
   if frozen:
     lm_update = step_lib.make_lm_forward_only(graphdef, layer=cfg.sae.layer, dtype=cfg.train.dtype)
   else:
-    lm_update = step_lib.make_lm_update(graphdef, tx, schedule, inject_nan_step=cfg.train.inject_nan_step, **kw)
+    lm_update = step_lib.make_lm_update(graphdef, tx, schedule, inject_nan_step=cfg.train.inject_nan_step,
+                                        ce_kernel=cfg.train.ce_kernel, mesh=mesh, **kw)
   jit_kw = dict(in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
   if use_sae:
     step_fns = {ph: jax.jit(cotrain.make_step(cfg, ph, plan, lm_update, groups, mesh, cfg.sae.layer), **jit_kw)

@@ -3,8 +3,9 @@ from a static graphdef inside the jitted function, so nothing outside is mutated
 
 The loss runs on flattened hidden states with the next-token shift done on *tokens* before the
 model (never slicing [B, T, vocab] logits, whose backward pass is slow), and the unembedding +
-cross-entropy is computed in chunks along the sequence with rematerialisation, so full logits and
-their gradient never exist at once (at vocab 50k and a TPU-size batch they would not fit).
+cross-entropy is computed in chunks along the sequence, so full logits and their gradient never
+exist at once (at vocab 50k and a TPU-size batch they would not fit); on one CPU device a C++
+kernel computes each chunk's loss and logit gradient in one pass (train/cross_entropy.py).
 """
 from __future__ import annotations
 
@@ -15,69 +16,35 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from monojax.train.cross_entropy import cross_entropy_terms, use_kernel  # noqa: F401 (re-exported)
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def cross_entropy_terms(h, w_u, targets, vocab_size: int, chunk: int):
-  """Sum of next-token cross-entropy (fp32, nats) and number of correct argmax predictions.
-
-  h [B, T, d], w_u [d, V_padded], targets int[B, T]. Columns past `vocab_size` (padding) are masked.
-  Everything runs on flattened [N, d] rows (2-D GEMMs; measured 4x faster to differentiate than the
-  3-D einsum on CPU), and the target logit is h · w_u[:, target] (a gather of N columns, not a
-  gather from the [N, V] logits, whose backward is a slow scatter).
-  """
-  B, T, d = h.shape
-  V = w_u.shape[1]
-  chunk = T if chunk <= 0 or chunk >= T or T % chunk else chunk
-  pad_bias = jnp.where(jnp.arange(V) < vocab_size, 0.0, -1e30).astype(jnp.float32) if V > vocab_size else None
-
-  def terms(hc, tc):  # hc [M, d], tc [M]
-    logits = jnp.dot(hc, w_u, preferred_element_type=jnp.float32)
-    if pad_bias is not None:
-      logits = logits + pad_bias
-    row_max = jax.lax.stop_gradient(logits.max(axis=-1))
-    lse = row_max + jnp.log(jnp.exp(logits - row_max[:, None]).sum(-1))
-    tgt = jnp.sum(hc.astype(jnp.float32) * jnp.take(w_u.T, tc, axis=0).astype(jnp.float32), axis=-1)
-    correct = (jnp.argmax(logits, axis=-1) == tc).sum()
-    return (lse - tgt).sum(), correct
-
-  if chunk == T:
-    return terms(h.reshape(B * T, d), targets.reshape(B * T))
-  n = T // chunk
-  # [B, n, c, d] -> [n, B*c, d]: every chunk keeps the whole (data-sharded) batch.
-  hs = h.reshape(B, n, chunk, d).swapaxes(0, 1).reshape(n, B * chunk, d)
-  ts = targets.reshape(B, n, chunk).swapaxes(0, 1).reshape(n, B * chunk)
-  chunk_terms = jax.checkpoint(terms)  # recompute each chunk's logits in the backward pass
-
-  def body(carry, xs):
-    ce, corr = chunk_terms(*xs)
-    return (carry[0] + ce, carry[1] + corr), None
-
-  (ce, correct), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hs, ts))
-  return ce, correct
-
-
-def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: int, mlp_replace=None):
+def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: int, mlp_replace=None,
+               ce_kernel: bool = False):
   """tokens int[B, T+1] -> (mean CE, aux{"ce_sum", "correct", "n", "mlp_post"}).
 
-  mlp_replace: {layer: fn(post) -> replacement} spliced into the forward pass (loss recovered)."""
+  mlp_replace: {layer: fn(post) -> replacement} spliced into the forward pass (loss recovered).
+  ce_kernel: the CPU cross-entropy kernel (train/cross_entropy.py; decided by `use_kernel`)."""
   if dtype != jnp.float32:  # bf16 compute from fp32 master weights; the loss stays fp32
     params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
   model = nnx.merge(graphdef, params)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   h, posts = model(inputs, mlp_replace)
-  ce_sum, correct = cross_entropy_terms(h, model.unembed_weight(), targets, vocab_size, loss_chunk)
+  ce_sum, correct = cross_entropy_terms(h, model.unembed_weight(), targets, vocab_size, loss_chunk, ce_kernel)
   n = targets.size
   return ce_sum / n, {"ce_sum": ce_sum, "correct": correct, "n": n, "mlp_post": posts}
 
 
 def make_lm_update(graphdef, tx, schedule, *, vocab_size: int, dtype: str, loss_chunk: int, token_bytes,
-                   inject_nan_step: int = -1):
+                   inject_nan_step: int = -1, ce_kernel: str = "auto", mesh=None):
   """(state, tokens) -> (state with new params/opt/step, metrics, MLP post-ReLU activations per layer).
 
   The activations come out of the same forward pass as the loss (has_aux), so co-training the SAE
   costs no second LM forward."""
-  fwd = functools.partial(lm_forward, graphdef, vocab_size=vocab_size, dtype=DTYPES[dtype], loss_chunk=loss_chunk)
+  fwd = functools.partial(lm_forward, graphdef, vocab_size=vocab_size, dtype=DTYPES[dtype], loss_chunk=loss_chunk,
+                          ce_kernel=use_kernel(ce_kernel, None if mesh is None else mesh.size))
 
   def lm_update(state, tokens):
     def loss_fn(params):

@@ -13,7 +13,8 @@ from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from monojax.sae import core, recipes, sae_config, sparse
-from monojax.sae.sparse import build, update as sparse_update
+from monojax.kernels import build
+from monojax.sae.sparse import update as sparse_update
 
 D, M, B, T = 37, 302, 204, 100  # no multiple of a SIMD width (B, M divide the 4x2 test mesh)
 HEAVY = (0, 57, 203)            # rows with most features active

@@ -4,7 +4,7 @@
   value_and_grad(recipe, ...) drop-in for jax.value_and_grad(recipes.loss, has_aux=True)
   wanted(sae_cfg, recipe)     core's choice from sae_cfg.sparse_update ("auto" | "on" | "off")
 """
-from monojax.sae.sparse.build import available
+from monojax.kernels.build import available
 from monojax.sae.sparse.update import supports, value_and_grad, wanted
 
 __all__ = ["available", "supports", "value_and_grad", "wanted"]

@@ -2,7 +2,7 @@
 with the same contract as `jax.value_and_grad(recipes.loss, has_aux=True)`, exact (no top-K).
 
 Only the encoder GEMM (60-70 % of a step) runs in XLA; everything after it costs work proportional
-to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI call (kernels.cc):
+to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI call (monojax/kernels/sae_sparse.cc):
 
   x̂_b = b_d + Σ_{i∈A_b} f_bi W_d,i                g_b = ∂L/∂x̂_b = c·(x̂_b − x_b)
   df_bi = g_b·W_d,i + l1_i on A, 0 elsewhere       (relu' is 0 at 0, as in JAX)
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monojax.sae.sparse import build
+from monojax.kernels import build
 
 F32 = jnp.float32
 RECIPES = ("2023", "2024")
@@ -132,12 +132,12 @@ def _stacked(name, params, x, l1_coef, x_batched=False):
 
 
 def _kernel(xw, b_e, xe, x, W_d, b_d, l1, c: float):
-  """(x_hat, dW_d data term, dW_e, db_e, colsum, count) from the FFI kernel (kernels.cc); every
+  """(x_hat, dW_d data term, dW_e, db_e, colsum, count) from the FFI kernel (sae_sparse.cc); every
   operand has the leading member axis S."""
   (S, B, m), d = xw.shape, x.shape[-1]
   shape = lambda *s, dtype=F32: jax.ShapeDtypeStruct((S, *s), dtype)  # noqa: E731
   call = jax.ffi.ffi_call(
-      build.TARGET, (shape(B, d), shape(m, d), shape(d, m), shape(m), shape(m), shape(m, dtype=jnp.int32)),
+      build.SAE_TARGET, (shape(B, d), shape(m, d), shape(d, m), shape(m), shape(m), shape(m, dtype=jnp.int32)),
       vmap_method="broadcast_all")
   return call(xw, b_e, xe, x, W_d, b_d, l1, c=np.float32(c))
 

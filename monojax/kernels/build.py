@@ -1,6 +1,9 @@
-"""Compile-on-first-use of kernels.cc and its registration as an XLA FFI target.
+"""Compile-on-first-use of monojax's CPU kernels and their registration as XLA FFI targets.
 
-The shared library is cached in ~/.cache/monojax/kernels/<hash>/ (hash of the source, the jaxlib
+  sae_sparse.cc     "monojax_sae_sparse": the sparse SAE update (monojax/sae/sparse/update.py)
+  cross_entropy.cc  "monojax_cross_entropy": softmax CE + logit gradient (monojax/train/cross_entropy.py)
+
+All sources build into one shared library (parallel.h is shared). The library is cached in ~/.cache/monojax/kernels/<hash>/ (hash of the source, the jaxlib
 version, the compiler and the CPU flags, since it is built with -march=native). It is written to a
 temporary file and renamed into place, so concurrent processes never load a half-written library.
 `available()` is False, with ONE warning logged, when there is no compiler or the build fails;
@@ -21,9 +24,12 @@ import jax
 import jaxlib
 from absl import logging
 
-TARGET = "monojax_sae_sparse"
-SYMBOL = "MonojaxSaeSparse"
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
+SAE_TARGET = "monojax_sae_sparse"
+CE_TARGET = "monojax_cross_entropy"
+TARGETS = {SAE_TARGET: "MonojaxSaeSparse", CE_TARGET: "MonojaxCrossEntropy"}  # FFI target -> C symbol
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("sae_sparse.cc", "cross_entropy.cc"))
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("parallel.h",))
 # -mprefer-vector-width=512: GCC's default for Intel AVX-512 parts is 256-bit vectors (measured
 # slower here); -fopenmp-simd: the `omp simd` reductions vectorise without -ffast-math.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-std=c++17",
@@ -50,11 +56,13 @@ def cache_dir() -> str:
 
 
 def library_path(cxx: str) -> str:
-  with open(SOURCE, "rb") as fh:
-    src = fh.read()
+  src = b""
+  for f in (*SOURCES, *HEADERS):
+    with open(f, "rb") as fh:
+      src += fh.read() + b"\0"
   key = hashlib.sha256(b"\0".join([src, jaxlib.__version__.encode(), cxx.encode(), " ".join(FLAGS).encode(),
                                    platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-  return os.path.join(cache_dir(), key, "libmonojax_sae_sparse.so")
+  return os.path.join(cache_dir(), key, "libmonojax_kernels.so")
 
 
 def build(cxx: str) -> str:
@@ -66,7 +74,7 @@ def build(cxx: str) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(path))
   os.close(fd)
   try:
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", _HERE, *SOURCES, "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
       errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines() or [""]
@@ -82,17 +90,20 @@ def build(cxx: str) -> str:
 @functools.cache
 def available() -> bool:
   """True once the kernels are compiled, loaded and registered with XLA (CPU); cached."""
-  if os.environ.get("MONOJAX_SPARSE_DISABLE"):
+  if os.environ.get("MONOJAX_KERNELS_DISABLE"):
     return False
   cxx = _compiler()
   if cxx is None:
-    logging.warning("monojax sparse SAE kernels: no C++ compiler (g++/c++/$CXX) found; using the dense update")
+    logging.warning("monojax CPU kernels: no C++ compiler (g++/c++/$CXX) found; using the dense SAE update "
+                    "and XLA's cross-entropy")
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(build(cxx))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except Exception as e:  # noqa: BLE001 - any build/load failure means: fall back to dense
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    logging.warning("monojax sparse SAE kernels unavailable (%s); using the dense update", first[:300])
+    logging.warning("monojax CPU kernels unavailable (%s); using the dense SAE update and XLA's cross-entropy",
+                    first[:300])
     return False
   return True
