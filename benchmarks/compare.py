@@ -169,8 +169,8 @@ def print_summary(quick: bool, anchors_ok: bool) -> None:
   peak = max(f for _, f in _peaks) if _peaks else None
   xla_peak = max((f for n, f in _peaks if n == "XLA"), default=None)
   print("\n" + "=" * 30 + " summary " + "=" * 30)
-  print(f"ratio = monojax ÷ anchor in throughput (higher is better); for 'co-trained ÷ LM alone' a step-time ratio "
-        f"(lower is better). mj = monojax with its default config"
+  print("ratio = monojax ÷ anchor in throughput (higher is better); for 'co-trained ÷ LM alone' a step-time ratio "
+        "(lower is better). mj = monojax with its default config"
         + ("; mj dense = sae.sparse_update='off'" if any(r.mj_dense is not None for r in ROWS) else "")
         + (f"; %peak = achieved FLOP/s ÷ {peak / 1e9:.1f} GFLOP/s, this machine's f32 matmul peak (the best probe "
            f"of this run, any library; XLA's own best {xla_peak / 1e9:.1f}); * = dense-equivalent FLOPs of a "
@@ -376,7 +376,6 @@ def lm_activations(workdir: str, n_rows: int, seed: int = 1):
 def part_sae(args, sh, anchors_ok: bool) -> None:
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import sae_step
   from monojax.sae import core
   d, B = sh["d_in"], sh["sae_batch"]

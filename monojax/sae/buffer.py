@@ -13,7 +13,6 @@ devices (on a TPU pod a global random gather would be an all-to-all every step).
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -224,7 +224,7 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
       good = [s for s in ckpt.steps() if s < step]
       raise TrainingDiverged(
           f"non-finite training at step {step}: " + ", ".join(f"{k}={m[k]}" for k in bad) + "; stopped without "
-          f"saving. Last good checkpoint: " + (f"step {good[-1]} in {ckpt.directory}" if good else "none"))
+          "saving. Last good checkpoint: " + (f"step {good[-1]} in {ckpt.directory}" if good else "none"))
     return m
 
   def report(step: int, m: dict) -> None:
