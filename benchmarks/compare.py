@@ -19,7 +19,8 @@ CPU client uses every core; torch.set_num_threads(os.cpu_count())).
    (benchmarks/sae_step.py's `synthetic_acts`), or, with --lm_workdir, on the MLP activations of
    that finished LM run on the default corpus. L0 mean / p99 / max per row are printed.
 2. LM training step, 1 layer, d 128, MLP 512, ctx 256, batch 32, fp32, vocab 50,304 and 8,192:
-   monojax `train.step.make_train_step` (AdamW + clip 1.0, state donated) vs a TransformerLens
+   monojax `train.step.make_train_step` (AdamW + clip 1.0, state donated; on CPU its default
+   train.ce_kernel 'auto': the cross-entropy kernel of train/cross_entropy.py) vs a TransformerLens
    HookedTransformer with the same config and the same weights (copied from monojax; the two
    losses are compared first), TL's built-in loss, backward, clip_grad_norm_(1.0), AdamW.
 3. The co-trained job per token: monojax's "train" phase of `sae.cotrain.make_step` (LM update +
