@@ -94,8 +94,10 @@ def lm_memory(ctx: int, batch: int, vocab: int, dtype: str, loss_chunk: int) -> 
   tx = state_lib.make_optimizer(cfg.train, schedule)
   graphdef, state, shardings = state_lib.init_state(cfg.model, tx, cfg.seed, mesh)  # a few MB: real is fine
   batch_sh = {"tokens": sharding.batch_sharding(mesh)}
+  # ce_kernel "off": the pure-JAX loss, the one TPU/GPU and multi-device meshes run (this table
+  # plans their memory); the CPU kernel path holds one chunk of logits too.
   step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, vocab_size=vocab, dtype=dtype, loss_chunk=loss_chunk,
-                                          token_bytes=jnp.ones((vocab,), jnp.int32)),
+                                          token_bytes=jnp.ones((vocab,), jnp.int32), ce_kernel="off"),
                  in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
   tokens = jax.ShapeDtypeStruct((batch, ctx + 1), jnp.int32, sharding=batch_sh["tokens"])
   return _mem(step.lower(_abstract(state, shardings), {"tokens": tokens}).compile())
