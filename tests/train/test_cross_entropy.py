@@ -8,22 +8,7 @@ import pytest
 from monojax import sharding
 from monojax.kernels import build
 from monojax.train import cross_entropy as ce_lib, state as st, step as sp
-from monojax.config import base_config
-
-V = 250  # tokens < V; the model's vocabulary is 256
-
-
-def tiny_cfg():
-  c = base_config()
-  c.model.vocab_size = 256
-  c.model.d_model, c.model.d_mlp, c.model.n_heads, c.model.d_head = 32, 64, 2, 16
-  c.data.seq_len = 16
-  c.train.warmup_steps = 0
-  return c
-
-
-def _tokens(b=8, t=17, seed=0):
-  return jnp.asarray(np.random.RandomState(seed).randint(0, V, (b, t)), jnp.int32)
+from test_model_step import V, _tokens, tiny_cfg  # V = 250: tokens < V, model vocabulary 256
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="CPU kernels unavailable (no C++ compiler?)")
 
