@@ -592,14 +592,10 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
     kw = dict(vocab_size=vocab, dtype="float32", loss_chunk=cfg.train.loss_chunk,
               token_bytes=jnp.ones((vocab,), jnp.int32))
     lm_update = step_lib.make_lm_update(graphdef, tx, schedule, **kw)
-    # The frozen-LM step as train/loop.py builds it. Since 4531002 it stops at the SAE's layer (takes
-    # `layer`); before, it ran the whole forward with the LM loss.
-    import inspect
-    tap_only = "layer" in inspect.signature(step_lib.make_lm_forward_only).parameters
-    lm_fwd_only = step_lib.make_lm_forward_only(graphdef, **(dict(kw, layer=s.layer) if tap_only else kw))
-    frozen_note = ("monojax's frozen step (train/loop.py mode 'frozen') "
-                   + ("stops at the SAE's layer (no unembedding), as TL's stop_at_layer=1" if tap_only else
-                      "computes the full LM loss every step (unembedding + CE); TL stops at layer 1"))
+    # The frozen-LM step as train/loop.py builds it: the forward stops at the SAE's layer.
+    lm_fwd_only = step_lib.make_lm_forward_only(graphdef, layer=s.layer, dtype="float32")
+    frozen_note = ("monojax's frozen step (train/loop.py mode 'frozen') stops at the SAE's layer (no unembedding), "
+                   "as TL's stop_at_layer=1")
     batch_sh = {"tokens": sharding.batch_sharding(mesh)}
 
     def jit_step(phase, upd, variant=None, sh_=full_sh):
@@ -640,10 +636,8 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
         + f"; SAE L0 on buffered activations mean {l0m:.1f}, p99 {l0p:.0f}, max {l0x}")
     tokens = batch * seq
     sae_flops_tok = sae_flops(plan.per_step, mlp, width) / tokens
-    if tap_only:  # forward to the tap: attention (4 d^2 MACs + 2 T d_attn) + W_in (d x mlp), 2 FLOPs per MAC
-      fwd_flops_tok = 2.0 * (4 * d * d + d * mlp) + 4.0 * seq * cfg.model.n_heads * cfg.model.d_head
-    else:         # the whole forward with the loss: a third of the training FLOPs
-      fwd_flops_tok = lm_flops_tok / 3
+    # forward to the tap: attention (4 d^2 MACs + 2 T d_attn) + W_in (d x mlp), 2 FLOPs per MAC
+    fwd_flops_tok = 2.0 * (4 * d * d + d * mlp) + 4.0 * seq * cfg.model.n_heads * cfg.model.d_head
     if m is not None and float(sae_m["fvu"][0]) > 0.9:
       log(f"parts 3-4 vocab {vocab:,}: note: the SAE explains little of these activations (fvu "
           f"{float(sae_m['fvu'][0]):.2f}: a fresh LM's MLP outputs on synthetic tokens), so it fires less than a "

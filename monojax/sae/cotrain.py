@@ -60,17 +60,21 @@ def make_plan(cfg, total_lm_steps: int) -> Plan:
 
 
 def initial_sae_state(cfg, d_in: int, plan: Plan, mesh):
-  """An SAE state with the final structure and shardings, held until `init_from_buffer` replaces it."""
+  """(SAE state, its shardings): the final structure, placed, held until `init_from_buffer` replaces
+  it with the state initialised on the first buffered activations (the paper's geometric-median
+  b_d needs them); the steps before that do not read it."""
   state = sae_core.init_state(cfg.sae, d_in, jax.random.key(0), jnp.ones((8, d_in), jnp.float32),
                               plan.total_sae_steps)
-  return jax.device_put(state, sae_core.shardings(state, mesh))
+  shardings = sae_core.shardings(state, mesh)
+  return jax.device_put(state, shardings), shardings
 
 
 def with_sae_and_buffer(cfg, lm_state: dict, lm_shardings: dict, d_in: int, plan: Plan, mesh):
-  """The LM state plus a placeholder SAE state and an empty mixing buffer, and the matching
-  shardings: the state every co-training / frozen step takes."""
-  state = dict(lm_state, sae=initial_sae_state(cfg, d_in, plan, mesh), buffer=buffer_lib.init(plan.capacity, d_in, mesh))
-  return state, dict(lm_shardings, sae=sae_core.shardings(state["sae"], mesh), buffer=buffer_lib.shardings(mesh))
+  """The LM state plus the pre-init SAE state (`initial_sae_state`) and an empty mixing buffer, and
+  the matching shardings: the state every co-training / frozen step takes."""
+  sae_state, sae_shardings = initial_sae_state(cfg, d_in, plan, mesh)
+  state = dict(lm_state, sae=sae_state, buffer=buffer_lib.init(plan.capacity, d_in, mesh))
+  return state, dict(lm_shardings, sae=sae_shardings, buffer=buffer_lib.shardings(mesh))
 
 
 def make_init_from_buffer(cfg, d_in: int, plan: Plan, sae_shardings):

@@ -75,16 +75,23 @@ def cross_entropy_terms(h, w_u, targets, vocab_size: int, chunk: int, kernel: bo
   3-D einsum on CPU). chunk > 0 (dividing T): positions per chunk, so [B*chunk, V] logits exist at a
   time, never [B*T, V] (the JAX path rematerialises each chunk's logits in the backward pass).
   """
-  if kernel:
-    return _kernel_terms(*_chunks(h, targets, chunk), w_u, vocab_size)
-  B, T, d = h.shape
   hs, ts = _chunks(h, targets, chunk)
+  if kernel:
+    return _kernel_terms(hs, ts, w_u, vocab_size)
   if hs.shape[0] == 1:
     return _chunk_terms(hs[0], w_u, ts[0], vocab_size)
-  chunk_terms = jax.checkpoint(functools.partial(_chunk_terms, vocab_size=vocab_size))
+  return _scan_terms(hs, ts, w_u, vocab_size, remat=True)
+
+
+def _scan_terms(hs, ts, w_u, vocab_size: int, remat: bool):
+  """(CE sum, #correct) over the chunks [n, M, d], in JAX; remat: recompute each chunk's logits in
+  the backward pass instead of storing them."""
+  terms = functools.partial(_chunk_terms, vocab_size=vocab_size)
+  if remat:
+    terms = jax.checkpoint(terms)
 
   def body(carry, xs):
-    ce, corr = chunk_terms(xs[0], w_u, xs[1])
+    ce, corr = terms(xs[0], w_u, xs[1])
     return (carry[0] + ce, carry[1] + corr), None
 
   (ce, correct), _ = jax.lax.scan(body, (jnp.zeros((), F32), jnp.zeros((), jnp.int32)), (hs, ts))
@@ -103,12 +110,7 @@ def _ffi_cross_entropy(logits, targets, vocab_size: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _kernel_terms(hs, ts, w_u, vocab_size):
   # Not differentiated (e.g. evaluation): the JAX formulas, no gradient work.
-  def body(carry, xs):
-    ce, corr = _chunk_terms(xs[0], w_u, xs[1], vocab_size)
-    return (carry[0] + ce, carry[1] + corr), None
-
-  (ce, correct), _ = jax.lax.scan(body, (jnp.zeros((), F32), jnp.zeros((), jnp.int32)), (hs, ts))
-  return ce, correct
+  return _scan_terms(hs, ts, w_u, vocab_size, remat=False)
 
 
 def _kernel_terms_fwd(hs, ts, w_u, vocab_size):

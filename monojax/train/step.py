@@ -21,15 +21,20 @@ from monojax.train.cross_entropy import cross_entropy_terms, use_kernel  # noqa:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _compute_params(params, dtype):
+  """bf16 compute from fp32 master weights (the loss stays fp32); fp32: the params as they are."""
+  if dtype == jnp.float32:
+    return params
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: int, mlp_replace=None,
                ce_kernel: bool = False):
   """tokens int[B, T+1] -> (mean CE, aux{"ce_sum", "correct", "n", "mlp_post"}).
 
   mlp_replace: {layer: fn(post) -> replacement} spliced into the forward pass (loss recovered).
   ce_kernel: the CPU cross-entropy kernel (train/cross_entropy.py; decided by `use_kernel`)."""
-  if dtype != jnp.float32:  # bf16 compute from fp32 master weights; the loss stays fp32
-    params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, _compute_params(params, dtype))
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   h, posts = model(inputs, mlp_replace)
   ce_sum, correct = cross_entropy_terms(h, model.unembed_weight(), targets, vocab_size, loss_chunk, ce_kernel)
@@ -65,15 +70,13 @@ def make_lm_update(graphdef, tx, schedule, *, vocab_size: int, dtype: str, loss_
   return lm_update
 
 
-def make_lm_forward_only(graphdef, *, layer: int, dtype: str, **_):
+def make_lm_forward_only(graphdef, *, layer: int, dtype: str):
   """The frozen-LM variant of make_lm_update: the SAEs need only block `layer`'s MLP activations, so
   the forward pass stops there (no later blocks, no unembedding: at vocab 50k the unembedding is
   ~95 % of the forward FLOPs). No gradient, no parameter change, no LM loss (the held-out SAE eval
   reports the clean loss); step += 1. Returns (state, {}, [posts of blocks 0..layer])."""
   def lm_forward_only(state, tokens):
-    params = state["params"]
-    if DTYPES[dtype] != jnp.float32:
-      params = jax.tree.map(lambda p: p.astype(DTYPES[dtype]) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    params = _compute_params(state["params"], DTYPES[dtype])
     posts = nnx.merge(graphdef, params).mlp_activations(tokens[:, :-1], upto=layer)
     return dict(state, step=state["step"] + 1), {}, posts
 
