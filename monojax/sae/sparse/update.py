@@ -102,8 +102,7 @@ def _stacked(name, params, x, l1_coef, x_batched=False):
   sparse_enough = (probe > 0).mean() <= MAX_DENSITY
 
   def sparse(xw):
-    x_hat, dW_d, dW_e, db_e, colsum, count = _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c)
-    return x_hat, dW_d, dW_e, db_e, colsum, count
+    return _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c)
 
   def dense(xw):  # the same formulas with GEMMs (what autodiff of recipes.loss computes)
     pre = xw + b_e[:, None]
