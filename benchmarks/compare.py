@@ -23,7 +23,7 @@ CPU client uses every core; torch.set_num_threads(os.cpu_count())).
    train.ce_kernel 'auto': the cross-entropy kernel of train/cross_entropy.py) vs a TransformerLens
    HookedTransformer with the same config and the same weights (copied from monojax; the two
    losses are compared first), TL's built-in loss, backward, clip_grad_norm_(1.0), AdamW.
-3. The co-trained job per token: monojax's "train" phase of `sae.cotrain.make_step` (LM update +
+3. The co-trained job per token: monojax's "train" phase of `train.cotrain.make_step` (LM update +
    buffer exchange + one 2023 SAE of width 4,096 fed 4,096 activations a step: 128 positions of each
    of the 32 contexts) vs TL's training step with a hook on blocks.0.mlp.hook_post -> the same
    buffer exchange in torch -> one SAELens update (benchmarks/anchors_tl.py). Also monojax
@@ -53,12 +53,11 @@ import os
 import sys
 import time
 
-MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+from monojax import cpu_env  # noqa: E402 (imports nothing heavy)
+from monojax.cpu_env import MALLOC_TUNABLES  # noqa: E402
 
-if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
-  # Only settable before the process starts (cpu-performance.md §1): re-exec once with it.
-  os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-  os.execv(sys.executable, [sys.executable, *sys.argv])
+if __name__ == "__main__":  # the allocator setting must be in place before jax starts
+  cpu_env.reexec_with_malloc_tunables(sys.argv)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -348,7 +347,7 @@ def lm_activations(workdir: str, n_rows: int, seed: int = 1):
       setattr(cfg.data, k, saved["data"][k])
   cfg.data.count_tokens = False
   quiet = lambda *a, **k: None  # noqa: E731
-  root = pipeline.corpus_root(cfg.data, log=quiet)
+  root = pipeline.corpus_root(cfg.data)
   tok = pipeline.get_tokenizer(cfg.data, root, log=quiet)
   cfg.model.vocab_size = tokenizer_lib.padded_vocab_size(tok.vocab_size)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -378,7 +377,7 @@ def part_sae(args, sh, anchors_ok: bool) -> None:
   import jax
   import jax.numpy as jnp
   import sae_step
-  from monojax.sae import core
+  from monojax.sae import catalogue, core
   d, B = sh["d_in"], sh["sae_batch"]
   widths = sh["widths"]
   train_batch = B
@@ -415,7 +414,7 @@ def part_sae(args, sh, anchors_ok: bool) -> None:
     del state
     xs_np = [timed_pool[i * B:(i + 1) * B] for i in range(4)]
     xs = [jnp.asarray(x) for x in xs_np]
-    l0m, l0p, l0x = sae_step.l0_stats(sae_step.fresh_copy(trained), xs)
+    l0m, l0p, l0x = sae_step.l0_stats(sae_step.fresh_copy(trained), xs, catalogue.build(cfg, d)[0])
     log(f"part 1: width {width:,}: {sh['train_updates']} training updates of {train_batch:,} in "
         f"{time.perf_counter() - t0:.1f}s (lr {args.sae_lr:g}, λ {args.l1:g}), fvu {fvu:.3f}; on the timed batches "
         f"L0 mean {l0m:.1f}, p99 {l0p:.0f}, max {l0x}")
@@ -565,7 +564,8 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
   import jax.numpy as jnp
   import sae_step
   from monojax import sharding
-  from monojax.sae import core, cotrain
+  from monojax.sae import catalogue, core
+  from monojax.train import cotrain
   from monojax.train import metrics as metrics_lib, state as state_lib, step as step_lib
   d, mlp, _, _, seq, batch = sh["lm"]
   width, positions = sh["job_width"], sh["positions"]
@@ -629,7 +629,8 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
     sae_m = jax.device_get(m["sae"]) if m is not None else None
     acts = state["buffer"]["acts"]
     nb = min(4, plan.capacity // s.batch_size)
-    l0m, l0p, l0x = sae_step.l0_stats(state["sae"], [acts[i * s.batch_size:(i + 1) * s.batch_size] for i in range(nb)])
+    l0m, l0p, l0x = sae_step.l0_stats(state["sae"], [acts[i * s.batch_size:(i + 1) * s.batch_size] for i in range(nb)],
+                                      catalogue.build(s, mlp)[0])
     log(f"parts 3-4 vocab {vocab:,}: {plan.init_step} fill steps + SAE init from the buffer + {sh['sae_pretrain']} "
         f"SAE updates on it + {sh['cotrain_warm']} co-trained steps in {time.perf_counter() - t0:.1f}s (incl. compiles)"
         + (f"; LM loss {float(m['loss']):.3f}, SAE fvu {float(sae_m['fvu'][0]):.3f}" if m is not None else "")
@@ -733,9 +734,10 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
 def part_pipeline(args, sh, consumed: dict) -> None:
   import tempfile
   from monojax.config import base_config
-  from monojax.data import build_corpus, pipeline
+  from monojax.corpus import build_corpus
+  from monojax.data import pipeline, sources
   _, _, _, _, seq, batch = sh["lm"]
-  root = os.path.expanduser(pipeline.DEFAULT_CORPUS_DIR)
+  root = os.path.expanduser(sources.DEFAULT_CORPUS_DIR)
   default_ok = build_corpus.load_complete_manifest(root) is not None
   tmp = None
   if not default_ok:

@@ -22,12 +22,10 @@ import os
 import sys
 import time
 
-MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+from monojax import cpu_env  # noqa: E402 (imports nothing heavy)
 
-if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
-  # Only settable before the process starts (cpu-performance.md §1): re-exec once with it.
-  os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-  os.execv(sys.executable, [sys.executable, *sys.argv])
+if __name__ == "__main__":  # the allocator setting must be in place before jax starts
+  cpu_env.reexec_with_malloc_tunables(sys.argv)
 
 from absl import app, flags, logging  # noqa: E402
 

@@ -32,9 +32,10 @@ def _rate(next_batch, seconds: float) -> float:
 
 def main(argv):
   del argv
+  from monojax.corpus import build_corpus
   from monojax.data import pipeline
   cfg = _CONFIG.value
-  root = pipeline.corpus_root(cfg.data, log=print)
+  root = build_corpus.ensure_data_root(cfg.data, log=print)
   tok = pipeline.get_tokenizer(cfg.data, root, log=print)
   src = pipeline.text_source(cfg.data, root, "train", log=print)
   print(f"corpus {root}: {len(src):,} train documents; tokenizer {tok.spec} (vocab {tok.vocab_size:,}); "

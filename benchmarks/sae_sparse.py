@@ -23,10 +23,10 @@ import os
 import sys
 import time
 
-MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
-  os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES  # only settable before the process starts (§1)
-  os.execv(sys.executable, [sys.executable, *sys.argv])
+from monojax import cpu_env  # noqa: E402 (imports nothing heavy)
+
+if __name__ == "__main__":  # the allocator setting must be in place before jax starts
+  cpu_env.reexec_with_malloc_tunables(sys.argv)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools  # noqa: E402
@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from monojax.sae import core, recipes, sae_config, sparse  # noqa: E402
+from monojax.sae import catalogue, core, recipes, sae_config, sparse  # noqa: E402
 
 _WIDTHS = flags.DEFINE_list("widths", ["4096", "16384"], "SAE widths")
 _D_IN = flags.DEFINE_integer("d_in", 512, "SAE input width")
@@ -120,7 +120,7 @@ def main(_):
     steps = []
     for mode in ("off", "on"):
       cfg = sae_config()
-      cfg.saes = f"{width}:{recipes.DEFAULT_L1[rec.name]}:{rec.name}"
+      cfg.saes = f"{width}:{rec.default_l1}:{rec.name}"
       cfg.batch_size, cfg.sparse_update = batch, mode
       cfg.lr = cfg.lr_2024 = 1e-7  # keeps the constructed sparsity through the timed steps (cost is lr-blind)
       update = core.make_update_fn(cfg, core.groups_from_config(cfg), T)
@@ -133,14 +133,15 @@ def main(_):
 
       steps.append(step)
     # Where the sparse step's time goes: the encoder GEMM alone, and the sparse loss + gradients.
-    params = core.member_params(box["state"], 0)
+    sae = catalogue.build(cfg, d)[0]
+    params = core.member_params(box["state"], sae)
     x0 = xs[0] * (box["state"]["input_scale"] if rec.scales_input else 1.0)
     enc = jax.jit(lambda p, x: (x - p["b_d"]) @ p["W_e"] + p["b_e"])
     vg = jax.jit(functools.partial(loss_and_grads, rec, cfg))
     parts = [functools.partial(run_once, enc, params, x0), functools.partial(run_once, vg, params, x0)]
     dense_s, sparse_s, enc_s, vg_s = time_round_robin(steps + parts, _STEPS.value, _WARMUP.value)
-    l0 = np.concatenate([np.asarray(jax.jit(lambda p, x: (recipes.forward(rec, p, x)[1] > 0).sum(-1))(
-        core.member_params(box["state"], 0), x * (box["state"]["input_scale"] if rec.scales_input else 1.0)))
+    l0 = np.concatenate([np.asarray(jax.jit(lambda p, x: (rec.forward(p, x)[1] > 0).sum(-1))(
+        core.member_params(box["state"], sae), x * (box["state"]["input_scale"] if rec.scales_input else 1.0)))
         for x in xs])  # the timed state on the timed batches
     print(f"{width:>6} {l0.mean():>8.1f} {np.percentile(l0, 99):>6.0f} {l0.max():>6d} {batch / dense_s:>12,.0f} "
           f"{batch / sparse_s:>13,.0f} {dense_s / sparse_s:>6.2f} {1e3 * dense_s:>9.1f} {1e3 * sparse_s:>9.1f} "

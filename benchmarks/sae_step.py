@@ -43,12 +43,11 @@ import os
 import sys
 import time
 
-MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+from monojax import cpu_env  # noqa: E402 (imports nothing heavy)
+from monojax.cpu_env import MALLOC_TUNABLES  # noqa: E402
 
-if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
-  # Only settable before the process starts (cpu-performance.md §1): re-exec once with it.
-  os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-  os.execv(sys.executable, [sys.executable, *sys.argv])
+if __name__ == "__main__":  # the allocator setting must be in place before jax starts
+  cpu_env.reexec_with_malloc_tunables(sys.argv)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # torch_sae_anchor beside this file
@@ -141,22 +140,22 @@ def synthetic_acts(n: int, d: int, *, seed: int, scale: float = 2.0, n_true: int
   return x * np.float32(scale)
 
 
-def l0_stats(state, xs) -> tuple[float, float, int]:
-  """(mean, p99, max) over rows of the features firing on the batches xs (SAE 0 of the state)."""
+def l0_stats(state, xs, sae) -> tuple[float, float, int]:
+  """(mean, p99, max) over rows of the features firing on the batches xs (`sae`: a catalogue record)."""
   import jax
   import numpy as np
   from monojax.sae import core
-  count = jax.jit(lambda s, x: (core.encode(s, 0, x) > 0).sum(-1))
+  count = jax.jit(lambda s, x: (core.encode(s, sae, x) > 0).sum(-1))
   l0 = np.concatenate([np.asarray(count(state, x)) for x in xs])
   return float(l0.mean()), float(np.percentile(l0, 99)), int(l0.max())
 
 
 def member0_params(state) -> dict:
-  """SAE 0's parameters as numpy (the unstacked {W_e, b_e, W_d, b_d})."""
+  """Member 0 of the state's first group as numpy (the unstacked {W_e, b_e, W_d, b_d})."""
   import jax
   import numpy as np
-  from monojax.sae import core
-  return {k: np.array(v, copy=True) for k, v in jax.device_get(core.member_params(state, 0)).items()}
+  params = next(iter(state["groups"].values()))["params"]
+  return {k: np.array(v[0], copy=True) for k, v in jax.device_get(params).items()}
 
 
 def torch_or_none():
@@ -322,7 +321,8 @@ def cotrain_row(name: str, shape: tuple, quick: bool, steps: int, warmup: int) -
   import numpy as np
   from monojax import sharding
   from monojax.config import base_config
-  from monojax.sae import core, cotrain
+  from monojax.sae import core
+  from monojax.train import cotrain
   from monojax.train import state as state_lib, step as step_lib
 
   d, mlp, heads, d_head, seq, batch, vocab, width, buffer_steps = shape

@@ -92,3 +92,91 @@ def base_config() -> config_dict.ConfigDict:
 
   c.preview_batches = 20           # batches pulled to measure pipeline throughput at start (0 = skip)
   return c
+
+
+# ------------------------------------------------------------------------- the run's config.json
+
+CONFIG_VERSION = 2  # config.json layout; runs written before the field existed read as version 1
+_READS_VERSIONS = (1, 2)
+
+
+def write_resolved(cfg, workdir: str) -> str:
+  """Writes the resolved config (vocab size, a frozen run's model, the tokenizer as the run reads
+  it) to workdir/config.json atomically; returns its path."""
+  import os
+  from monojax import files
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with cfg.unlocked():
+    cfg.config_version = CONFIG_VERSION
+  files.atomic_write(path, cfg.to_json_best_effort(indent=2, sort_keys=True))
+  return path
+
+
+def load_resolved(path: str) -> config_dict.ConfigDict:
+  """A run's config.json as a ConfigDict with base_config()'s fields and types. A file that is not
+  JSON, or whose fields differ from this monojax's (a run from another version), raises
+  errors.RunFormatError naming the file and the first field that differs."""
+  import json
+  from monojax import errors
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    raise errors.MissingInputError(f"{path}: not found (is this a monojax workdir?)") from None
+  except (OSError, ValueError) as e:
+    raise errors.RunFormatError(f"{path}: not a readable JSON config ({e})") from None
+  if not isinstance(saved, dict):
+    raise errors.RunFormatError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+  version = saved.pop("config_version", 1)
+  if version not in _READS_VERSIONS:
+    raise errors.RunFormatError(f"{path}: config_version {version!r} was written by another monojax; this one reads "
+                                f"versions {', '.join(map(str, _READS_VERSIONS))}")
+  out = _merge(base_config(), saved, path, "")
+  out.config_version = CONFIG_VERSION
+  return out
+
+
+def _merge(base, saved: dict, path: str, prefix: str) -> config_dict.ConfigDict:
+  """A new ConfigDict of plain values (no FieldReference ties, e.g. model.max_seq_len -> data.seq_len:
+  the run saved them separately) with `base`'s fields, filled from `saved`."""
+  out = config_dict.ConfigDict()
+  from monojax import errors
+  for key in saved:
+    if key not in base:
+      raise errors.RunFormatError(f"{path}: field {prefix}{key} is unknown to this monojax (a run from another "
+                                  "version?)")
+  for key in base:
+    name = f"{prefix}{key}"
+    if key not in saved:
+      if key == "config_version":
+        continue
+      raise errors.RunFormatError(f"{path}: field {name} is missing (written by an older monojax?)")
+    want, got = base[key], saved[key]
+    if isinstance(want, config_dict.ConfigDict):
+      if not isinstance(got, dict):
+        raise errors.RunFormatError(f"{path}: field {name} should be a section, got {got!r}")
+      out[key] = _merge(want, got, path, name + ".")
+      continue
+    value = _coerce(want, got)
+    if value is _BAD:
+      raise errors.RunFormatError(f"{path}: field {name} = {got!r} is not a {type(want).__name__}")
+    out[key] = value
+  return out
+
+
+_BAD = object()
+
+
+def _coerce(want, got):
+  if want is None or got is None:
+    return got
+  if isinstance(want, bool):
+    return got if isinstance(got, bool) else _BAD
+  if isinstance(want, (int, float)) and not isinstance(want, bool):
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+      return _BAD
+    return float(got) if isinstance(want, float) else (int(got) if float(got).is_integer() else _BAD)
+  if isinstance(want, tuple):
+    return tuple(got) if isinstance(got, (list, tuple)) else _BAD
+  return got if isinstance(got, type(want)) else _BAD

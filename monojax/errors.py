@@ -11,3 +11,7 @@ class ConfigError(UserInputError):
 
 class MissingInputError(UserInputError, FileNotFoundError):
   """A configured file or directory does not exist."""
+
+
+class RunFormatError(UserInputError):
+  """A workdir (config.json, checkpoints) that this monojax cannot open; the message says why."""

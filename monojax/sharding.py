@@ -54,16 +54,23 @@ def logical_to_spec(axes, shape, mesh, rules=RULES) -> P:
   return P(*out)
 
 
-def _leaf_name(path) -> str:
+def path_names(path) -> list[str]:
+  """The string keys/attribute names of a pytree path (dict keys, NNX attributes), without NNX's
+  "value" leaf wrapper: [..., "mlp", "W_in"]."""
   names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-  names = [n for n in names if isinstance(n, str) and n != "value"]
-  return names[-1]
+  return [n for n in names if isinstance(n, str) and n != "value"]
+
+
+def leaf_name(path) -> str | None:
+  """The last name on a pytree path (a parameter's or state entry's own name), or None."""
+  names = path_names(path)
+  return names[-1] if names else None
 
 
 def tree_shardings(tree, axes_by_name: dict, mesh):
   """NamedShardings for a pytree of arrays whose leaves are named in `axes_by_name`."""
   def one(path, x):
-    name = _leaf_name(path)
+    name = leaf_name(path)
     if name not in axes_by_name:
       raise KeyError(f"no logical axes declared for parameter {name!r} ({jax.tree_util.keystr(path)})")
     return NamedSharding(mesh, logical_to_spec(axes_by_name[name], x.shape, mesh))

@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 
+from monojax import files
 from monojax.data import pile_io, sources, tokenizer as tokenizer_lib
 
 
@@ -80,10 +81,7 @@ def count_tokens(files_by_split: dict[str, list[str]], tok: tokenizer_lib.TextTo
       total["estimated"] |= row["estimated"]
     rows["total"] = total
   os.makedirs(os.path.dirname(cache), exist_ok=True)
-  tmp = cache + f".tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=1)
-  os.replace(tmp, cache)
+  files.atomic_write_json(cache, out, indent=1)
   return out
 
 

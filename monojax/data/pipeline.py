@@ -23,16 +23,15 @@ import numpy as np
 from monojax.data import sources, tokenizer as tokenizer_lib
 from monojax import errors
 
-DEFAULT_CORPUS_DIR = "~/.cache/monojax/corpus/debmix-v1"
-SPLITS = ("train", "val")
-
-
-def corpus_root(data_cfg, log=logging.info) -> str:
-  """The directory holding train/ and val/ shards; builds the default corpus when it is absent."""
+def corpus_root(data_cfg) -> str:
+  """The directory holding train/ and val/ shards. The default corpus is built by the job's setup
+  (`monojax.corpus.build_corpus.ensure_data_root`), not here: reading data never builds it."""
   if data_cfg.path == "default":
-    from monojax.data import build_corpus  # only the default path needs the builder
-    root = os.path.expanduser(DEFAULT_CORPUS_DIR)
-    build_corpus.ensure_corpus(root, log=log)
+    root = os.path.expanduser(sources.DEFAULT_CORPUS_DIR)
+    if not os.path.isdir(root):
+      raise errors.MissingInputError(
+          f"data.path='default': the default corpus is not built yet ({root}); the main job builds it on first "
+          "use, or run `python -m monojax.corpus.build_corpus`")
     return root
   root = os.path.expanduser(data_cfg.path)
   if "://" not in root and not os.path.isdir(root):
@@ -41,34 +40,31 @@ def corpus_root(data_cfg, log=logging.info) -> str:
   return root
 
 
-def split_files(data_cfg, root: str, split: str) -> list[str]:
-  if split not in SPLITS:
-    raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}")
-  pattern = data_cfg.train_files if split == "train" else data_cfg.val_files
-  files = sources.resolve_files(pattern, root)
-  if not files:
-    flag = "data.train_files" if split == "train" else "data.val_files"
-    raise errors.MissingInputError(f"{flag}: no files match {pattern!r} under {root}")
-  return files
-
-
 def text_source(data_cfg, root: str, split: str, log=logging.info) -> sources.JsonlZstSource:
-  return sources.JsonlZstSource(split_files(data_cfg, root, split), on_error=data_cfg.on_error,
+  return sources.JsonlZstSource(sources.split_files(data_cfg, root, split), on_error=data_cfg.on_error,
                                 index_dir=data_cfg.index_dir, log=log)
+
+
+def bpe_cache_path(data_cfg, root: str, log=logging.info) -> str:
+  """Where `data.tokenizer = "bpe:<vocab>"` is cached: beside the train split's document index."""
+  try:
+    vocab = int(data_cfg.tokenizer[4:])
+  except ValueError:
+    raise errors.ConfigError(f"data.tokenizer: expected 'bpe:<vocab size>', got {data_cfg.tokenizer!r}") from None
+  src = text_source(data_cfg, root, "train", log)
+  return os.path.join(src.dir, f"bpe-{vocab}-{data_cfg.bpe_train_mb}mb.tokenizer.json")
 
 
 def get_tokenizer(data_cfg, root: str, log=logging.info) -> tokenizer_lib.TextTokenizer:
   """'gpt-neox-20b' (vendored), 'bpe:<vocab>' (trained once on the train split, cached beside the
-  corpus index), or a path to a tokenizer.json(.gz)."""
+  corpus index), or a path to a tokenizer.json(.gz). A finished run's tokenizer is read from its
+  workdir instead (monojax/run.py), never trained again."""
   spec = data_cfg.tokenizer
   if spec.startswith("bpe:"):
-    try:
-      vocab = int(spec[4:])
-    except ValueError:
-      raise errors.ConfigError(f"data.tokenizer: expected 'bpe:<vocab size>', got {spec!r}") from None
-    src = text_source(data_cfg, root, "train", log)
-    path = os.path.join(src.dir, f"bpe-{vocab}-{data_cfg.bpe_train_mb}mb.tokenizer.json")
+    path = bpe_cache_path(data_cfg, root, log)
+    vocab = int(spec[4:])
     if not os.path.exists(path):
+      src = text_source(data_cfg, root, "train", log)
       import time
       t0 = time.time()
       docs = _spread_sample(src, int(data_cfg.bpe_train_mb * 2**20))
@@ -198,17 +194,18 @@ def to_global(it: grain.IterDataset, mesh, data_axis: str = "data", prefetch: in
   return gx.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch) if prefetch else it
 
 
-def eval_batches(cfg, tokenizer: tokenizer_lib.TextTokenizer, root: str, mesh):
-  """The first cfg.train.eval_batches global batches of the validation split, shuffled with a fixed
-  seed so they sample every set (the shards are ordered by set): the same held-out tokens at every
-  evaluation (LM eval, SAE eval, feature preview)."""
+def eval_batches(cfg, tokenizer: tokenizer_lib.TextTokenizer, root: str, mesh, n_batches: int | None = None):
+  """The first n_batches (default cfg.train.eval_batches) global batches of the validation split,
+  shuffled with a fixed seed so they sample every set (the shards are ordered by set): the same
+  held-out tokens at every evaluation (LM eval, SAE eval, feature preview)."""
+  n_batches = cfg.train.eval_batches if n_batches is None else int(n_batches)
   import jax
   it = host_batches(cfg.data, "val", tokenizer=tokenizer, root=root,
                     host_batch=host_batch_size(cfg.data.global_batch, jax.process_count()), seed=0,
                     process_index=jax.process_index(), process_count=jax.process_count(), repeat=False,
                     shuffle=True)
   for n, batch in enumerate(to_global(it, mesh, prefetch=0)):
-    if n >= cfg.train.eval_batches:
+    if n >= n_batches:
       return
     yield batch
 

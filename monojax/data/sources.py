@@ -26,6 +26,8 @@ from monojax.data import pile_io
 from monojax import errors
 
 DEFAULT_INDEX_DIR = "~/.cache/monojax/text_index"
+DEFAULT_CORPUS_DIR = "~/.cache/monojax/corpus/debmix-v1"  # data.path="default" (built by monojax.corpus)
+SPLITS = ("train", "val")
 
 
 def resolve_files(pattern: str, base: str | None = None) -> list[str]:
@@ -42,6 +44,19 @@ def resolve_files(pattern: str, base: str | None = None) -> list[str]:
     return [p] if epath.Path(p).exists() else []
   root = epath.Path("/".join(parts[:wild[0]]))
   return sorted(str(x) for x in root.glob("/".join(parts[wild[0]:])))
+
+
+def split_files(data_cfg, root: str, split: str) -> list[str]:
+  """The shards of one split (data.train_files / data.val_files under `root`); an error naming the
+  flag when none match."""
+  if split not in SPLITS:
+    raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+  pattern = data_cfg.train_files if split == "train" else data_cfg.val_files
+  files = resolve_files(pattern, root)
+  if not files:
+    flag = "data.train_files" if split == "train" else "data.val_files"
+    raise errors.MissingInputError(f"{flag}: no files match {pattern!r} under {root}")
+  return files
 
 
 def _key(files: Sequence[str], on_error: str) -> str:

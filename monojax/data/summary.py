@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from monojax.data import corpus_stats, pipeline
+from monojax.data import corpus_stats, sources
 
 
 def summarize(cfg, root: str, tokenizer, log=logging.info) -> dict:
@@ -16,7 +16,7 @@ def summarize(cfg, root: str, tokenizer, log=logging.info) -> dict:
   if not cfg.data.count_tokens:
     return {}
   t0 = time.time()
-  files = {s: pipeline.split_files(cfg.data, root, s) for s in pipeline.SPLITS}
+  files = {s: sources.split_files(cfg.data, root, s) for s in sources.SPLITS}
   counts = corpus_stats.count_tokens(files, tokenizer, on_error=cfg.data.on_error, cache_dir=cfg.data.index_dir,
                                      max_tokenized_bytes=int(cfg.data.count_tokens_mb_per_file * 2**20))
   log(f"data: corpus {root} with tokenizer {tokenizer.spec} (vocab {tokenizer.vocab_size:,}); "

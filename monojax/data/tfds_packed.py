@@ -99,12 +99,11 @@ def dataset_dir(data_cfg, root: str, tokenizer: tokenizer_lib.TextTokenizer) -> 
 
 def build(data_cfg, root: str, tokenizer: tokenizer_lib.TextTokenizer, log=logging.info) -> str:
   """Builds (once) and returns the TFDS dataset directory holding the packed windows."""
-  from monojax.data import pipeline  # split_files validates the patterns with clear errors
   out = dataset_dir(data_cfg, root, tokenizer)
   done = os.path.join(out, "DONE.json")
   if os.path.exists(done):
     return out
-  split_files = {s: pipeline.split_files(data_cfg, root, s) for s in pipeline.SPLITS}
+  split_files = {s: sources.split_files(data_cfg, root, s) for s in sources.SPLITS}
   tmp = f"{out}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   t0 = time.time()
@@ -113,7 +112,7 @@ def build(data_cfg, root: str, tokenizer: tokenizer_lib.TextTokenizer, log=loggi
                             on_error=data_cfg.on_error, tokenize_batch_docs=data_cfg.tokenize_batch_docs,
                             data_dir=tmp)
     builder.download_and_prepare(file_format="array_record")
-    counts = {s: builder.info.splits[TFDS_SPLIT[s]].num_examples for s in pipeline.SPLITS}
+    counts = {s: builder.info.splits[TFDS_SPLIT[s]].num_examples for s in sources.SPLITS}
     with open(os.path.join(tmp, "DONE.json"), "w") as f:
       json.dump({"windows": counts, "window": data_cfg.seq_len + 1, "tokenizer": tokenizer.spec,
                  "skips": {s: dict(c) for s, c in builder.skips.items()}, "files": split_files, "seconds": time.time() - t0}, f, indent=1)

@@ -176,3 +176,35 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
     tmp.write_text(tok.to_str())
     tmp.replace(out_path)
   return tok
+
+
+# ------------------------------------------------------------------------ the run's own tokenizer
+
+RUN_TOKENIZER_FILE = "tokenizer.json"  # in a workdir: the exact tokenizer the run trained with
+
+
+def save_for_run(tok: TextTokenizer, workdir: str) -> str | None:
+  """Copies the tokenizer into the workdir, so every later use of the run reads exactly it (a
+  `bpe:` vocabulary is never trained again). The vendored NeoX tokenizer ships with monojax and is
+  not copied (returns None). An existing copy that differs is an error: the run was trained with
+  another tokenizer, and the copy is not overwritten."""
+  if tok.spec == NEOX_NAME:
+    return None
+  from monojax import files
+  path = os.path.join(workdir, RUN_TOKENIZER_FILE)
+  text = _read_tokenizer_json(tok.spec)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as fh:
+      if fh.read() != text:
+        raise errors.ConfigError(f"data.tokenizer: {tok.spec!r} is not the tokenizer this run was trained with "
+                                 f"({path}); use that one, or another --workdir")
+    return path
+  os.makedirs(workdir, exist_ok=True)
+  files.atomic_write(path, text)
+  return path
+
+
+def run_tokenizer_path(workdir: str) -> str | None:
+  """The run's copy of its tokenizer, or None (the vendored NeoX tokenizer, or an older run)."""
+  path = os.path.join(workdir, RUN_TOKENIZER_FILE)
+  return path if os.path.exists(path) else None

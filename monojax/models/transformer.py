@@ -27,6 +27,26 @@ PARAM_AXES = {
 }
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.dtype -> compute dtype
+
+
+def build_model(model_cfg, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, fp32 params) on the host; the caller places them on the mesh."""
+  return nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)), nnx.Param)
+
+
+def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, params as ShapeDtypeStructs): the structure, with no weights computed."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
+
+
+def compute_params(params, dtype):
+  """bf16 compute from fp32 master weights (the loss stays fp32); fp32: the params as they are."""
+  if dtype == jnp.float32:
+    return params
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def _normal(rngs, shape, std):
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 

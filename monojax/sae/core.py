@@ -1,8 +1,6 @@
-"""SAE core: specs and groups, state init, the pure batched update, resampling entry points,
-encode/decode for analysis, and shardings. Recipe rules live in recipes.py.
-
-Groups. SAEs with equal (width, recipe) are stacked on a leading member axis S and updated by one
-vmapped function on the same batch, so a λ sweep costs one batched update (anchors-sae §1 item 3).
+"""SAE core: state init, the pure batched update, resampling entry points, encode/decode for
+analysis, and shardings. Recipe rules live in recipes.py; what SAEs exist and where each lives in
+the state, in catalogue.py.
 
 State (a plain pytree of arrays; the update is pure and jittable):
   {"groups": {group_key: {"params": {W_e [S,d,m], b_e [S,m], W_d [S,m,d], b_d [S,d]},
@@ -15,15 +13,12 @@ State (a plain pytree of arrays; the update is pure and jittable):
                            and topk groups only; 2023 groups see raw activations),
    "step": int32           SAE updates done,
    "density_tokens", "density_tokens_last": int32  tokens behind fired_count / fired_count_last}
-`state["groups"]` is a dict, not a list: its keys ("g0_2023_w4096_s0_2", "g1_topk_w512_s1_k32")
-name each group's recipe, members and k, so encode/reconstruct find an SAE from the state alone,
-also inside jit (dict keys are static pytree structure) and after an orbax restore.
+`state["groups"]` is keyed by `Group.key`; an SAE is found through its `catalogue.SAE` record
+(group key and member row), also inside jit (the record is static) and after an orbax restore.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -34,78 +29,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from monojax import errors, sharding
 from monojax.sae import metrics as metrics_lib, recipes, resample as resample_lib, sparse
+from monojax.sae.catalogue import (SAE, Group, SAESpec, groups_from_config, make_groups,  # noqa: F401
+                                   parse_specs)
 
 F32 = jnp.float32
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "l1", "recon", "sparsity", "aux_k", "grad_norm", "lr", "l1_coef",
                 "dead_frac")
-
-
-@dataclasses.dataclass(frozen=True)
-class SAESpec:
-  width: int
-  l1: float
-  recipe: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-  """SAEs sharing (width, recipe), stacked on a leading axis; hashable (a static jit argument)."""
-  index: int
-  width: int
-  recipe: str
-  members: tuple[int, ...]   # indices into the spec list, in stacking order
-  l1s: tuple[float, ...]     # each member's λ
-
-  @property
-  def size(self) -> int:
-    return len(self.members)
-
-  def key(self, sae_cfg) -> str:
-    """This group's key in state["groups"] (topk's k is part of it: encode needs it statically)."""
-    key = f"g{self.index}_{self.recipe}_w{self.width}_s" + "_".join(map(str, self.members))
-    return key + (f"_k{int(sae_cfg.topk_k)}" if self.recipe == "topk" else "")
-
-
-_KEY_RE = re.compile(r"^g(\d+)_(2023|2024|topk)_w(\d+)_s(\d+(?:_\d+)*)(?:_k(\d+))?$")
-
-
-def parse_specs(saes: str) -> list[SAESpec]:
-  """"4096:0.004:2023,4096::2024,512:0:topk" -> [SAESpec, ...] (empty l1: the recipe default)."""
-  specs = []
-  for item in (part.strip() for part in str(saes).split(",")):
-    if not item:
-      continue
-    fields = [f.strip() for f in item.split(":")]
-    if len(fields) != 3:
-      raise errors.ConfigError(f"sae.saes: {item!r} is not width:l1:recipe (e.g. 4096:0.004:2023)")
-    width_s, l1_s, name = fields
-    recipes.get(name)
-    try:
-      width = int(width_s)
-      l1 = recipes.DEFAULT_L1[name] if l1_s == "" else float(l1_s)
-    except ValueError:
-      raise errors.ConfigError(f"sae.saes: {item!r}: width must be an integer and l1 a number") from None
-    if width <= 0 or l1 < 0:
-      raise errors.ConfigError(f"sae.saes: {item!r}: width must be positive and l1 non-negative")
-    if name == "topk" and l1 != 0:
-      raise errors.ConfigError(f"sae.saes: {item!r}: topk has no l1 (its sparsity is sae.topk_k); write 0")
-    specs.append(SAESpec(width, l1, name))
-  if not specs:
-    raise errors.ConfigError("sae.saes is empty: give at least one width:l1:recipe")
-  return specs
-
-
-def make_groups(specs) -> list[Group]:
-  """Stacks specs with equal (width, recipe) into one group, in order of first appearance."""
-  members: dict[tuple[int, str], list[int]] = {}
-  for i, spec in enumerate(specs):
-    members.setdefault((spec.width, spec.recipe), []).append(i)
-  return [Group(gi, width, name, tuple(idx), tuple(float(specs[i].l1) for i in idx))
-          for gi, ((width, name), idx) in enumerate(members.items())]
-
-
-def groups_from_config(sae_cfg) -> list[Group]:
-  return make_groups(parse_specs(sae_cfg.saes))
 
 
 def n_saes(groups) -> int:
@@ -133,7 +62,7 @@ def init_state(sae_cfg, d_in: int, key, sample_acts, total_steps: int) -> dict:
     recipe = recipes.get(g.recipe)
     # The median of c·x is c·median(x): scaled recipes get their b_d in the units they train in.
     b_d0 = median * (float(scale) if recipe.scales_input else 1.0)
-    members = [recipes.init_params(recipe, sae_cfg, np.random.default_rng([*seed, i]), d_in, g.width, b_d0)
+    members = [recipe.init_params(sae_cfg, np.random.default_rng([*seed, i]), d_in, g.width, b_d0)
                for i in g.members]
     params = {name: jnp.asarray(np.stack([p[name] for p in members])) for name in members[0]}
     groups_state[g.key(sae_cfg)] = {
@@ -150,7 +79,7 @@ def init_state(sae_cfg, d_in: int, key, sample_acts, total_steps: int) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _opt_init(recipe_name, sae_cfg, params):
-  return jax.vmap(recipes.optimizer(recipes.get(recipe_name), sae_cfg).init)(params)
+  return jax.vmap(recipes.get(recipe_name).optimizer(sae_cfg).init)(params)
 
 
 def frozen(sae_cfg) -> ml_collections.FrozenConfigDict:
@@ -201,25 +130,22 @@ def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, s
   recipe = recipes.get(g.recipe)
   scale = input_scale if recipe.scales_input else jnp.ones((), F32)
   x_in = x * scale
-  tx = recipes.optimizer(recipe, sae_cfg)
-  lr = recipes.lr_at(recipe, sae_cfg, step, total_steps)
-  l1_coefs = jnp.asarray(g.l1s, F32) * recipes.l1_factor_at(recipe, sae_cfg, step, total_steps)
+  tx = recipe.optimizer(sae_cfg)
+  lr = recipe.lr(sae_cfg, step, total_steps)
+  l1_coefs = jnp.asarray(g.l1s, F32) * recipe.l1_factor(sae_cfg, step, total_steps)
   dead_before = dead_mask(sae_cfg, total_steps, step, group_state["last_fired"])  # AuxK's dead latents
   if sparse.wanted(sae_cfg, recipe):  # exact, work ∝ active features (CPU kernels, sae/sparse)
     loss_and_grad = functools.partial(sparse.value_and_grad, recipe, sae_cfg)
   else:
-    loss_and_grad = jax.value_and_grad(functools.partial(recipes.loss, recipe, sae_cfg), argnums=0, has_aux=True)
+    loss_and_grad = jax.value_and_grad(functools.partial(recipe.loss, sae_cfg), argnums=0, has_aux=True)
 
   def member(params, opt, l1_coef, dead):
     (loss, aux), grads = loss_and_grad(params, x_in, l1_coef, dead)
     grad_norm = optax.tree.norm(grads)
-    if recipe.unit_norm_decoder:
-      grads = dict(grads, W_d=recipes.project_out_parallel(params["W_d"], grads["W_d"]))
+    grads = recipe.constrain_grads(params, grads)
     updates, opt = tx.update(grads, opt, params)
-    new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-    if recipe.unit_norm_decoder:  # a unit row plus a perpendicular step is no longer unit (§3.2)
-      new_params["W_d"] = recipes.unit_rows(new_params["W_d"])
-    f, x_hat, factor = aux["f"], aux["x_hat"], recipes.reported_factor(recipe, params, scale)
+    new_params = recipe.constrain_params(jax.tree.map(lambda p, u: p - lr * u, params, updates))
+    f, x_hat, factor = aux["f"], aux["x_hat"], recipe.reported_factor(params, scale)
     values = metrics_lib.batch_metrics(x, x_hat / scale, f * factor)
     if "fired_count" in aux:  # the sparse update counted firings: no pass over f [B, m] (factor > 0)
       fired_sum = aux["fired_count"]
@@ -303,58 +229,48 @@ def make_resample_fn(sae_cfg, groups, total_steps: int):
 
 # --------------------------------------------------------------------------- analysis entry points
 
-def locate(state, sae_index: int):
-  """(group key, member index, Recipe, topk k) of spec entry `sae_index`, from the state's keys."""
-  for gkey in state["groups"]:
-    match = _KEY_RE.match(gkey)
-    if match is None:
-      raise KeyError(f"not an SAE group key: {gkey!r}")
-    members = [int(v) for v in match.group(4).split("_")]
-    if sae_index in members:
-      return gkey, members.index(sae_index), recipes.get(match.group(2)), int(match.group(5) or 0)
-  raise IndexError(f"no SAE {sae_index} in this state")
+def member_params(state, sae: SAE) -> dict:
+  """One SAE's unstacked parameters {W_e, b_e, W_d, b_d}."""
+  group = state["groups"].get(sae.group)
+  if group is None:
+    raise KeyError(f"{sae.name}: its group {sae.group!r} is not in this state (have {sorted(state['groups'])})")
+  return jax.tree.map(lambda a: a[sae.member], group["params"])
 
 
-def member_params(state, sae_index: int) -> dict:
-  gkey, j, _, _ = locate(state, sae_index)
-  return jax.tree.map(lambda a: a[j], state["groups"][gkey]["params"])
-
-
-def _encode_parts(state, sae_index, acts):
-  _, _, recipe, k = locate(state, sae_index)
-  params = member_params(state, sae_index)
+def _encode_parts(state, sae: SAE, acts):
+  recipe = recipes.get(sae.recipe)
+  params = member_params(state, sae)
   scale = state["input_scale"] if recipe.scales_input else jnp.ones((), F32)
-  _, f, x_hat = recipes.forward(recipe, params, jnp.asarray(acts).astype(F32) * scale, k)
+  _, f, x_hat = recipe.forward(params, jnp.asarray(acts).astype(F32) * scale, sae.k)
   return recipe, params, scale, f, x_hat
 
 
-def encode(state, sae_index: int, acts):
+def encode(state, sae: SAE, acts):
   """Feature activations [B, m] as the recipe reports them, in the original input units (2023:
   f_i; 2024: f_i·‖W_d,i‖ with the input scale folded back in, §4.2), so that
   reconstruct = encode @ decoder_directions + bias."""
-  recipe, params, scale, f, _ = _encode_parts(state, sae_index, acts)
-  return f * recipes.reported_factor(recipe, params, scale)
+  recipe, params, scale, f, _ = _encode_parts(state, sae, acts)
+  return f * recipe.reported_factor(params, scale)
 
 
-def reconstruct(state, sae_index: int, acts):
+def reconstruct(state, sae: SAE, acts):
   """x̂ [B, d_in] in the ORIGINAL activation scale (what is spliced into the LM)."""
-  _, _, scale, _, x_hat = _encode_parts(state, sae_index, acts)
+  _, _, scale, _, x_hat = _encode_parts(state, sae, acts)
   return x_hat / scale
 
 
-def decoder_directions(state, sae_index: int):
+def decoder_directions(state, sae: SAE):
   """[m, d_in] unit dictionary vectors (the paper's decoder columns)."""
-  return recipes.unit_rows(member_params(state, sae_index)["W_d"])
+  return recipes.unit_rows(member_params(state, sae)["W_d"])
 
 
-def density(state, sae_index: int):
+def density(state, sae: SAE):
   """(fire_counts int32[m], n_tokens) over the last complete density window, or over the current
   one while no window has completed yet. Feed to metrics.density_stats / density_histogram."""
-  gkey, j, _, _ = locate(state, sae_index)
-  group_state = state["groups"][gkey]
+  group_state = state["groups"][sae.group]
   if int(state["density_tokens_last"]) > 0:
-    return group_state["fired_count_last"][j], int(state["density_tokens_last"])
-  return group_state["fired_count"][j], int(state["density_tokens"])
+    return group_state["fired_count_last"][sae.member], int(state["density_tokens_last"])
+  return group_state["fired_count"][sae.member], int(state["density_tokens"])
 
 
 # ---------------------------------------------------------------------------------------- sharding
@@ -370,8 +286,7 @@ _AXES = {
 def shardings(state, mesh):
   """NamedShardings matching `state`; anything not in the table (counters, scalars) replicated."""
   def one(path, x):
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
-    axes = _AXES.get(names[-1]) if names else None
+    axes = _AXES.get(sharding.leaf_name(path))
     if axes is None or len(axes) != np.ndim(x):
       return NamedSharding(mesh, P())
     return NamedSharding(mesh, sharding.logical_to_spec(axes, np.shape(x), mesh))

@@ -9,12 +9,12 @@ Definitions are fixed here once (anchors-sae §1 item 5: other libraries shipped
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
+
+from monojax import files
 
 F32 = jnp.float32
 
@@ -90,7 +90,7 @@ def density_histogram(fire_counts, n_tokens, path_png, path_json, *, ultralow: f
       "title": title,
   }
   if path_json:
-    _write_atomic(path_json, json.dumps(data, indent=1))
+    files.atomic_write_json(path_json, data, indent=1)
   if path_png:
     _plot(data, path_png)
   return data
@@ -117,13 +117,6 @@ def _plot(data: dict, path_png: str) -> None:
                f"dead (not shown): {data['dead']}", fontsize=9)
   ax.legend(fontsize=8, frameon=False)
   fig.tight_layout()
-  tmp = f"{path_png}.tmp.png"
-  fig.savefig(tmp)
-  os.replace(tmp, path_png)
+  with files.atomic_path(path_png, suffix=".png") as tmp:
+    fig.savefig(tmp)
 
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as fh:
-    fh.write(text)
-  os.replace(tmp, path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from monojax.sae import recipes
 
 F32 = jnp.float32
 LOSS_CHUNK_ELEMENTS = 2**26  # bound on rows x m x S pre-activations alive at once while scoring (256 MB fp32)
@@ -29,7 +28,7 @@ def per_input_loss(recipe, params, xs):
   """Reconstruction MSE of every input for every member: xs [N, d] -> [N, S], in chunks."""
   def one_input(x_row):
     def member(p):
-      _, _, x_hat = recipes.forward(recipe, p, x_row[None], 0)
+      _, _, x_hat = recipe.forward(p, x_row[None], 0)
       return jnp.square(x_row - x_hat[0]).mean()
     return jax.vmap(member)(params)
   n_members, width = params["b_e"].shape
@@ -80,7 +79,7 @@ def resample_group(recipe, cfg, group_state, dead, xs, step, key):
   """Resamples a stacked group's dead features (dead bool[S, m]) from the loss sample xs [N, d]
   (unscaled; 2023 trains on raw activations). Returns (group_state, n_resampled int32[S])."""
   params, opt = group_state["params"], group_state["opt"]
-  adam = opt[-1]  # recipes.optimizer is always a chain ending in scale_by_adam
+  adam = opt[-1]  # Recipe.optimizer is always a chain ending in scale_by_adam
   losses = per_input_loss(recipe, params, xs).T                                    # [S, N]
   keys = jax.random.split(key, dead.shape[0])
   member = lambda p, m, v, d, loss, k: _resample_member(cfg, p, m, v, d, loss, xs, k)  # noqa: E731

@@ -12,7 +12,6 @@ with it (0.9); we also report the mean over true features of the best cosine.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -23,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from monojax import errors
-from monojax.sae import core, metrics
+from monojax import errors, files
+from monojax.sae import catalogue, core, metrics
 from monojax.sae.config import sae_config
 
 F32 = jnp.float32
@@ -160,13 +159,15 @@ def train_toy(cfg, log=None) -> dict:
 
   x_eval, a_eval = sample(t_cfg, features, key_eval, t_cfg.eval_samples)
 
+  saes = catalogue.build(s_cfg, t_cfg.d)
+
   @jax.jit
   def evaluate(state, x):  # every SAE in one program
     out = []
-    for i in range(len(specs)):
-      f = core.encode(state, i, x)
-      out.append((metrics.batch_metrics(x, core.reconstruct(state, i, x), f), (f > 0).sum(0),
-                  core.decoder_directions(state, i)))
+    for sae in saes:
+      f = core.encode(state, sae, x)
+      out.append((metrics.batch_metrics(x, core.reconstruct(state, sae, x), f), (f > 0).sum(0),
+                  core.decoder_directions(state, sae)))
     return out
 
   results = []
@@ -186,9 +187,7 @@ def run_toy(cfg, workdir: str, log=print) -> dict:
   results = train_toy(cfg, log=log)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "toy_results.json")
-  with open(path + ".tmp", "w") as fh:
-    json.dump(results, fh, indent=1)
-  os.replace(path + ".tmp", path)
+  files.atomic_write_json(path, results, indent=1)
   log(f"toy: {results['n_features']} true features in {results['d']} dims (true L0 {results['true_l0']:.2f}), "
       f"{results['steps']} steps in {results['train_seconds']:.1f} s")
   for r in results["saes"]:

@@ -10,6 +10,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from monojax import files
+
 # bf16 dense peak FLOP/s per chip, for MFU when train.peak_flops is not given.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
               "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
@@ -70,10 +72,7 @@ class MetricWriter:
               keep.append(line if line.endswith("\n") else line + "\n")
           except json.JSONDecodeError:
             continue  # a line cut by a kill -9
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+      files.atomic_write(self.path, "".join(keep))
     self.file = open(self.path, "a")
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)

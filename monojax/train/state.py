@@ -4,7 +4,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from monojax import errors, sharding
 from monojax.models import transformer
@@ -38,24 +37,14 @@ def make_optimizer(tc, schedule) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def build_model(model_cfg, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, fp32 params) on the host; the caller places them on the mesh."""
-  model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
-  return nnx.split(model, nnx.Param)
-
-
-def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
-  return nnx.split(nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
-
-
 def init_state(model_cfg, tx, seed: int, mesh):
   """Builds the sharded train state {"params", "opt", "step", "rng"} directly on the mesh (jit with
   out_shardings: no host copy of the full model is ever made). Returns (graphdef, state, shardings)."""
-  graphdef, abstract_params = abstract_model(model_cfg)
+  graphdef, abstract_params = transformer.abstract_model(model_cfg)
   param_sh = sharding.tree_shardings(abstract_params, transformer.PARAM_AXES, mesh)
 
   def init_params():
-    return build_model(model_cfg, seed)[1]
+    return transformer.build_model(model_cfg, seed)[1]
 
   params = jax.jit(init_params, out_shardings=param_sh)()
   opt_sh = jax.tree_util.tree_map_with_path(lambda p, x: _like_param(p, x, mesh), jax.eval_shape(tx.init, abstract_params))
@@ -73,9 +62,7 @@ def init_state(model_cfg, tx, seed: int, mesh):
 
 def _like_param(path, x, mesh):
   """Optimizer moments are sharded like the parameter they belong to; counters are replicated."""
-  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-  names = [n for n in names if isinstance(n, str) and n != "value"]
-  axes = transformer.PARAM_AXES.get(names[-1]) if names else None
+  axes = transformer.PARAM_AXES.get(sharding.leaf_name(path))
   if axes is None or len(axes) != x.ndim:
     return sharding.replicated(mesh)
   return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, mesh))
@@ -85,6 +72,6 @@ def count_params(params, exclude=("W_E", "W_pos")) -> int:
   """Parameters that cost FLOPs per token (embedding lookups excluded)."""
   total = 0
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if sharding._leaf_name(path) not in exclude:
+    if sharding.leaf_name(path) not in exclude:
       total += x.size
   return total

@@ -16,17 +16,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from monojax.models import transformer
 from monojax.train.cross_entropy import cross_entropy_terms, use_kernel  # noqa: F401 (re-exported)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _compute_params(params, dtype):
-  """bf16 compute from fp32 master weights (the loss stays fp32); fp32: the params as they are."""
-  if dtype == jnp.float32:
-    return params
-  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-
+DTYPES = transformer.DTYPES
 
 def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: int, mlp_replace=None,
                ce_kernel: bool = False):
@@ -34,7 +27,7 @@ def lm_forward(graphdef, params, tokens, *, vocab_size: int, dtype, loss_chunk: 
 
   mlp_replace: {layer: fn(post) -> replacement} spliced into the forward pass (loss recovered).
   ce_kernel: the CPU cross-entropy kernel (train/cross_entropy.py; decided by `use_kernel`)."""
-  model = nnx.merge(graphdef, _compute_params(params, dtype))
+  model = nnx.merge(graphdef, transformer.compute_params(params, dtype))
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   h, posts = model(inputs, mlp_replace)
   ce_sum, correct = cross_entropy_terms(h, model.unembed_weight(), targets, vocab_size, loss_chunk, ce_kernel)
@@ -76,7 +69,7 @@ def make_lm_forward_only(graphdef, *, layer: int, dtype: str):
   ~95 % of the forward FLOPs). No gradient, no parameter change, no LM loss (the held-out SAE eval
   reports the clean loss); step += 1. Returns (state, {}, [posts of blocks 0..layer])."""
   def lm_forward_only(state, tokens):
-    params = _compute_params(state["params"], DTYPES[dtype])
+    params = transformer.compute_params(state["params"], DTYPES[dtype])
     posts = nnx.merge(graphdef, params).mlp_activations(tokens[:, :-1], upto=layer)
     return dict(state, step=state["step"] + 1), {}, posts
 

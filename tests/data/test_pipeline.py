@@ -20,7 +20,7 @@ def _batches(data_cfg, split="train", **kw):
 
 
 def _docs(data_cfg, split):
-  return [r["text"] for f in pipeline.split_files(data_cfg, data_cfg.path, split)
+  return [r["text"] for f in sources.split_files(data_cfg, data_cfg.path, split)
           for _, r in pile_io.read_records(f)]
 
 
@@ -162,7 +162,7 @@ def test_bad_record_skipped_and_counted(data_cfg, tmp_path, fmt):
 
 
 def test_index_is_cached_and_invalidated_by_changes(data_cfg, tmp_path):
-  files = pipeline.split_files(data_cfg, data_cfg.path, "val")
+  files = sources.split_files(data_cfg, data_cfg.path, "val")
   logs = []
   s1 = sources.JsonlZstSource(files, index_dir=str(tmp_path / "idx"), log=logs.append)
   s2 = sources.JsonlZstSource(files, index_dir=str(tmp_path / "idx"), log=logs.append)
@@ -178,6 +178,6 @@ def test_missing_inputs_give_clear_errors(data_cfg, tmp_path):
     pipeline.corpus_root(data_cfg)
   data_cfg.path = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="data.train_files"):
-    pipeline.split_files(data_cfg, data_cfg.path, "train")
+    sources.split_files(data_cfg, data_cfg.path, "train")
   with pytest.raises(ValueError, match="divisible"):
     pipeline.host_batch_size(6, 4)

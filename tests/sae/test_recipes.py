@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from monojax import errors
-from monojax.sae import core, recipes, resample, sae_config
+from monojax.sae import catalogue, core, recipes, resample, sae_config
 
 D, M, B, T = 16, 64, 64, 100
 
@@ -97,8 +97,8 @@ def test_losses_match_naive_formulas():
   x = np.asarray(acts(B), np.float64)
   p = _params()
   c, no_dead = cfg_for(""), jnp.zeros(M, bool)
-  got23, got24 = jax.jit(lambda p, x: (recipes.loss(recipes.get("2023"), c, p, x, 0.01, no_dead)[0],
-                                       recipes.loss(recipes.get("2024"), c, p, x, 5.0, no_dead)[0]))(_f32(p), _f32(x))
+  got23, got24 = jax.jit(lambda p, x: (recipes.get("2023").loss(c, p, x, 0.01, no_dead)[0],
+                                       recipes.get("2024").loss(c, p, x, 5.0, no_dead)[0]))(_f32(p), _f32(x))
   f = np.maximum((x - p["b_d"]) @ p["W_e"] + p["b_e"], 0)
   x_hat = f @ p["W_d"] + p["b_d"]
   np.testing.assert_allclose(got23, np.mean(np.mean((x - x_hat) ** 2, axis=1) + 0.01 * f.sum(1)), rtol=1e-5)  # §3.1
@@ -139,7 +139,7 @@ def test_pre_bias_trick_same_gradients_five_gemms():
     f = jax.nn.relu((x - p["b_d"]) @ p["W_e"] + p["b_e"])
     return jnp.square(f @ p["W_d"] + p["b_d"] - x).mean() + 0.01 * f.sum(-1).mean()
 
-  ours = lambda p: recipes.loss(rec, c, p, x, 0.01, jnp.zeros(M, bool))[0]  # noqa: E731
+  ours = lambda p: rec.loss(c, p, x, 0.01, jnp.zeros(M, bool))[0]  # noqa: E731
   p = _f32(_params())
   (l1, g1), (l2, g2) = jax.jit(lambda p: (jax.value_and_grad(ours)(p), jax.value_and_grad(naive)(p)))(p)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
@@ -155,7 +155,7 @@ def test_gradient_projection_removes_parallel_component():
   @jax.jit
   def grads(p):
     W_d = recipes.unit_rows(p["W_d"])
-    g = jax.grad(lambda w: recipes.loss(rec, c, dict(p, W_d=w), x, 0.01, jnp.zeros(M, bool))[0])(W_d)
+    g = jax.grad(lambda w: rec.loss(c, dict(p, W_d=w), x, 0.01, jnp.zeros(M, bool))[0])(W_d)
     return W_d, g, recipes.project_out_parallel(W_d, g)
 
   W_d, g, g_proj = (np.asarray(a, np.float64) for a in grads(p))
@@ -173,7 +173,7 @@ def test_topk_keeps_k_and_kth_largest_exact():
   for k, kth in zip(ks, kths):
     np.testing.assert_array_equal(kth, -np.sort(-x, axis=1)[:, k - 1])
   params = _f32(dict(_params(), b_d=np.zeros(D)))
-  _, f, _ = jax.jit(lambda p, x: recipes.forward(recipes.get("topk"), p, x, 4))(params, acts(B))
+  _, f, _ = jax.jit(lambda p, x: recipes.get("topk").forward(p, x, 4))(params, acts(B))
   l0 = np.asarray((f > 0).sum(1))
   assert l0.max() == 4 and l0.mean() > 3  # ReLU after top-k may drop negatives, never adds
 
@@ -184,6 +184,7 @@ def test_topk_keeps_k_and_kth_largest_exact():
 
 MIXED = "64:0.004:2023,64:0.01:2023,64:0.02:2023,64::2024,256:0:topk"  # wide TopK: some latents go unused
 N_STEPS = 6
+SAES = catalogue.build(cfg_for(MIXED), D)
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +242,9 @@ def test_2023_unit_decoder_and_firing_counts(mixed):
   encoded = views(first, acts(B, 1))
   for i in range(5):
     fired = np.asarray(encoded[i][0] > 0)
-    gkey, j, _, _ = core.locate(first, i)
-    np.testing.assert_array_equal(snaps[1]["groups"][gkey]["fired_count"][j], fired.sum(0))
-    np.testing.assert_array_equal(snaps[1]["groups"][gkey]["last_fired"][j], np.where(fired.any(0), 1, 0))
+    sae = SAES[i]
+    np.testing.assert_array_equal(snaps[1]["groups"][sae.group]["fired_count"][sae.member], fired.sum(0))
+    np.testing.assert_array_equal(snaps[1]["groups"][sae.group]["last_fired"][sae.member], np.where(fired.any(0), 1, 0))
 
 
 def test_density_windows_rotate(mixed):
@@ -252,24 +253,24 @@ def test_density_windows_rotate(mixed):
   assert [int(s["density_tokens_last"]) for s in snaps] == [0, 0, 0, 0, 3 * B, 3 * B, 3 * B]
   g3, g4 = group(snaps[3]), group(snaps[4])
   np.testing.assert_array_equal(g4["fired_count_last"], g3["fired_count"])  # window 1 closed at step 3
-  counts, n = core.density(jax.tree.map(jnp.asarray, snaps[4]), 0)
+  counts, n = core.density(jax.tree.map(jnp.asarray, snaps[4]), SAES[0])
   assert n == 3 * B
   np.testing.assert_array_equal(counts, g3["fired_count"][0])
-  counts, n = core.density(jax.tree.map(jnp.asarray, snaps[2]), 0)  # before any complete window
+  counts, n = core.density(jax.tree.map(jnp.asarray, snaps[2]), SAES[0])  # before any complete window
   assert n == 2 * B
 
 
 def test_2024_schedules(mixed):
   c = cfg_for("64::2024")
   r = recipes.get("2024")
-  lr = lambda s: float(recipes.lr_at(r, c, s, 1000))  # noqa: E731
-  lam = lambda s: float(recipes.l1_factor_at(r, c, s, 1000))  # noqa: E731
+  lr = lambda s: float(r.lr(c, s, 1000))  # noqa: E731
+  lam = lambda s: float(r.l1_factor(c, s, 1000))  # noqa: E731
   assert lr(0) == lr(799) == lr(800) == pytest.approx(1e-3)           # decay over the last 20 % (§4.2)
   assert lr(900) == pytest.approx(0.5e-3) and lr(999) == pytest.approx(1e-3 / 200) and lr(1000) == 0.0
   assert lam(0) == 0.0 and lam(25) == pytest.approx(0.5) and lam(50) == lam(700) == 1.0  # 5 % warm-up
   r23 = recipes.get("2023")
-  assert float(recipes.lr_at(r23, c, 999, 1000)) == pytest.approx(1e-3)
-  assert float(recipes.l1_factor_at(r23, c, 0, 1000)) == 1.0
+  assert float(r23.lr(c, 999, 1000)) == pytest.approx(1e-3)
+  assert float(r23.l1_factor(c, 0, 1000)) == 1.0
   # The update used them (T = 100: λ warms up over 5 steps; 2023 λ constant).
   _, _, _, ms = mixed
   np.testing.assert_allclose([m["l1_coef"][3] for m in ms], [5.0 * min(s / 5, 1) for s in range(N_STEPS)], rtol=1e-6)
@@ -335,8 +336,8 @@ def test_sharded_update_equals_single_device(mixed):
 def views(state, x):
   """(encode, decoder_directions, reconstruct) of every SAE in the mixed state, in one program; the
   state is a traced argument: group keys are static structure, so SAE lookups work under jit."""
-  return [(core.encode(state, i, x), core.decoder_directions(state, i), core.reconstruct(state, i, x))
-          for i in range(5)]
+  return [(core.encode(state, sae, x), core.decoder_directions(state, sae), core.reconstruct(state, sae, x))
+          for sae in SAES]
 
 
 def test_encode_reconstruct_directions_consistent(mixed):
@@ -345,20 +346,20 @@ def test_encode_reconstruct_directions_consistent(mixed):
   x = acts(B, 9)
   for i, (f, dirs, x_hat) in enumerate(views(state, x)):
     np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0, rtol=1e-6)
-    gkey, j, rec, _ = core.locate(state, i)
-    scale = state["input_scale"] if rec.scales_input else 1.0
-    b_d = state["groups"][gkey]["params"]["b_d"][j] / scale
+    sae = SAES[i]
+    scale = state["input_scale"] if sae.rules.scales_input else 1.0
+    b_d = state["groups"][sae.group]["params"]["b_d"][sae.member] / scale
     np.testing.assert_allclose(x_hat, f @ dirs + b_d, rtol=1e-4, atol=1e-5)
   # 2024 reports f_i·‖W_d,i‖ in the original units (§4.2); 2023 reports f_i.
   f24, f23 = views(state, x)[3][0], views(state, x)[0][0]
-  p24, p23 = core.member_params(state, 3), core.member_params(state, 0)
+  p24, p23 = core.member_params(state, SAES[3]), core.member_params(state, SAES[0])
   raw = np.maximum(np.asarray(x) * float(state["input_scale"]) @ p24["W_e"] + p24["b_e"], 0)
   np.testing.assert_allclose(f24, raw * np.linalg.norm(p24["W_d"], axis=1) / state["input_scale"], rtol=1e-4,
                              atol=1e-6)
   np.testing.assert_allclose(f23, np.maximum((np.asarray(x) - p23["b_d"]) @ p23["W_e"] + p23["b_e"], 0), rtol=1e-4,
                              atol=1e-6)
   # bf16 LM activations are cast: the outputs stay fp32.
-  out = jax.eval_shape(lambda s, x: core.reconstruct(s, 4, x), state, x.astype(jnp.bfloat16))
+  out = jax.eval_shape(lambda s, x: core.reconstruct(s, SAES[4], x), state, x.astype(jnp.bfloat16))
   assert out.dtype == jnp.float32 and out.shape == (B, D)
 
 
@@ -416,5 +417,5 @@ def test_resample_draws_favour_high_loss_inputs():
 
 def test_optimizer_state_is_adam_last():
   for name in recipes.NAMES:
-    st = jax.eval_shape(recipes.optimizer(recipes.get(name), sae_config()).init, _f32(_params()))
+    st = jax.eval_shape(recipes.get(name).optimizer(sae_config()).init, _f32(_params()))
     assert isinstance(st[-1], optax.ScaleByAdamState)

@@ -63,7 +63,7 @@ def test_matches_dense_value_and_grad(kernels, monkeypatch, name, state, max_den
     monkeypatch.setattr(sparse_update, "MAX_DENSITY", max_density)
   rec, cfg, dead = recipes.get(name), sae_config(), jnp.zeros(M, bool)
   lam = {"2023": 0.004, "2024": 5.0}[name]
-  dense = jax.value_and_grad(lambda p, x, l: recipes.loss(rec, cfg, p, x, l, dead), has_aux=True)
+  dense = jax.value_and_grad(lambda p, x, l: rec.loss(cfg, p, x, l, dead), has_aux=True)
   ours = lambda p, x, l: sparse.value_and_grad(rec, cfg, p, x, l, dead)  # noqa: E731
   # Two stacked members with their own λ, vmapped as core does (x shared).
   ps = jax.tree.map(lambda a, b: np.stack([a, b]), params(0), params(1))

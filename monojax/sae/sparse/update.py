@@ -1,5 +1,6 @@
 """The JAX side of the sparse SAE update: loss and gradients of the ReLU recipes ("2023", "2024")
-with the same contract as `jax.value_and_grad(recipes.loss, has_aux=True)`, exact (no top-K).
+with the same contract as `jax.value_and_grad(recipe.loss, has_aux=True)`, exact (no top-K). A
+recipe opts in by declaring its `sparse` form (recipes.SparseForm: how its loss maps onto the kernel).
 
 Only the encoder GEMM (60-70 % of a step) runs in XLA; everything after it costs work proportional
 to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI call (monojax/kernels/sae_sparse.cc):
@@ -8,10 +9,12 @@ to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI cal
   df_bi = g_b·W_d,i + l1_i on A, 0 elsewhere       (relu' is 0 at 0, as in JAX)
   dW_d,i = Σ_b f_bi g_b      dW_e[:, i] = Σ_b df_bi xe_b      db_e,i = Σ_b df_bi
 
-  2023: xe = x − b_d, c = 2/(B·d), l1_i = λ/B; db_d = Σ_b g_b − W_e db_e (recipes.forward's
-        stop-gradient form: b_d reaches the encoder only through the bias).
-  2024: xe = x, c = 2/B, l1_i = λ‖W_d,i‖/B; db_d = Σ_b g_b, and the norm-weighted L1 adds the dense
-        dW_d,i += (λ/B)·(Σ_b f_bi)·W_d,i/‖W_d,i‖ (cheap in XLA from the kernel's column sums).
+  pre_bias (2023): xe = x − b_d; db_d = Σ_b g_b − W_e db_e (Recipe.forward's stop-gradient form:
+        b_d reaches the encoder only through the bias); otherwise (2024) xe = x, db_d = Σ_b g_b.
+  mean_over_dims (2023): c = 2/(B·d); summed over dims (2024): c = 2/B.
+  norm_weighted_l1 (2024): l1_i = λ‖W_d,i‖/B, and the L1 term adds the dense
+        dW_d,i += (λ/B)·(Σ_b f_bi)·W_d,i/‖W_d,i‖ (cheap in XLA from the kernel's column sums);
+        otherwise (2023) l1_i = λ/B.
 
 Dense activity. The kernel's cost grows with |A| and beats the four remaining dense GEMMs only
 while few features fire: a fresh SAE fires about half of them, where the kernel measured 3.5x
@@ -37,34 +40,34 @@ import numpy as np
 from monojax.kernels import build
 
 F32 = jnp.float32
-RECIPES = ("2023", "2024")
 MAX_DENSITY = 0.1   # fraction of active entries above which the dense formulas run (crossover ~0.12 measured)
 PROBE_ROWS = 256    # rows sampled for that estimate
 
 
 def supports(recipe) -> bool:
-  return recipe.name in RECIPES
+  return recipe.sparse is not None
 
 
 def value_and_grad(recipe, cfg, params, x, l1_coef, dead):
-  """((loss, aux), grads) of `recipes.loss(recipe, cfg, params, x, l1_coef, dead)` w.r.t. params,
+  """((loss, aux), grads) of `recipe.loss(cfg, params, x, l1_coef, dead)` w.r.t. params,
   for one SAE (vmappable). aux: {"f", "x_hat", "recon", "sparsity", "aux_k" (0), "fired_count"
   (int32 [m], firings per feature), "f_colsum" ([m], Σ_b f_bi)}."""
   del cfg, dead  # no AuxK for the ReLU recipes
   if not supports(recipe):
-    raise ValueError(f"the sparse update supports recipes {RECIPES}, not {recipe.name!r}")
+    raise ValueError(f"the sparse update supports recipes that declare a sparse form, not {recipe.name!r}")
   if not build.available():
     raise RuntimeError("the sparse SAE kernels are not available (see the warning logged)")
   params = {k: jnp.asarray(params[k], F32) for k in ("W_e", "b_e", "W_d", "b_d")}
-  return _batchable(recipe.name)(params, jnp.asarray(x, F32), jnp.asarray(l1_coef, F32))
+  form = (recipe.pre_bias, *recipe.sparse)
+  return _batchable(form)(params, jnp.asarray(x, F32), jnp.asarray(l1_coef, F32))
 
 
 @functools.cache
-def _batchable(name):
+def _batchable(form):
   """value_and_grad for one SAE, whose vmap rule calls `_stacked` once for all members."""
   @jax.custom_batching.custom_vmap
   def one(params, x, l1_coef):
-    out = _stacked(name, jax.tree.map(lambda a: a[None], params), x, l1_coef[None])
+    out = _stacked(form, jax.tree.map(lambda a: a[None], params), x, l1_coef[None])
     return jax.tree.map(lambda a: a[0], out)
 
   @one.def_vmap
@@ -72,29 +75,30 @@ def _batchable(name):
     p_batched, x_batched, l1_batched = in_batched
     grow = lambda a, batched: a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))  # noqa: E731
     params = {k: grow(v, p_batched[k]) for k, v in params.items()}
-    out = _stacked(name, params, x, grow(l1_coef, l1_batched), x_batched=x_batched)
+    out = _stacked(form, params, x, grow(l1_coef, l1_batched), x_batched=x_batched)
     return out, jax.tree.map(lambda _: True, out)
 
   return one
 
 
-def _stacked(name, params, x, l1_coef, x_batched=False):
+def _stacked(form, params, x, l1_coef, x_batched=False):
   """((loss, aux), grads) for S stacked SAEs: params leaves [S, ...], l1_coef [S], x [B, d] shared
-  (or [S, B, d] when x_batched)."""
+  (or [S, B, d] when x_batched). form: (pre_bias, mean_over_dims, norm_weighted_l1)."""
+  pre_bias, mean_over_dims, norm_weighted_l1 = form
   W_e, b_e, W_d, b_d = params["W_e"], params["b_e"], params["W_d"], params["b_d"]
   S, m = b_e.shape
   xs = x if x_batched else jnp.broadcast_to(x, (S, *x.shape))
   B, d = xs.shape[1:]
-  if name == "2023":
-    xe, c = xs - b_d[:, None], 2.0 / (B * d)
-    l1 = jnp.broadcast_to((l1_coef / B)[:, None], (S, m))
-  else:
+  xe = xs - b_d[:, None] if pre_bias else xs
+  c = 2.0 / (B * d) if mean_over_dims else 2.0 / B
+  if norm_weighted_l1:
     norms = jnp.linalg.norm(W_d, axis=-1)
-    xe, c = xs, 2.0 / B
     l1 = l1_coef[:, None] * norms / B
-  # The one encoder GEMM (pre = xw + b_e is never stored), batched as vmap batches recipes.forward
+  else:
+    l1 = jnp.broadcast_to((l1_coef / B)[:, None], (S, m))
+  # The one encoder GEMM (pre = xw + b_e is never stored), batched as vmap batches Recipe.forward
   # (so f > 0 agrees bit for bit with the dense update's).
-  if name == "2024" and not x_batched:
+  if not pre_bias and not x_batched:
     xw = jax.vmap(jnp.matmul, in_axes=(None, 0))(x, W_e)
   else:
     xw = jax.vmap(jnp.matmul)(xe, W_e)
@@ -104,7 +108,7 @@ def _stacked(name, params, x, l1_coef, x_batched=False):
   def sparse(xw):
     return _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c)
 
-  def dense(xw):  # the same formulas with GEMMs (what autodiff of recipes.loss computes)
+  def dense(xw):  # the same formulas with GEMMs (what autodiff of Recipe.loss computes)
     pre = xw + b_e[:, None]
     f = jax.nn.relu(pre)
     x_hat = jnp.einsum("sbm,smd->sbd", f, W_d) + b_d[:, None]
@@ -116,12 +120,14 @@ def _stacked(name, params, x, l1_coef, x_batched=False):
   x_hat, dW_d, dW_e, db_e, colsum, count = jax.lax.cond(sparse_enough, sparse, dense, xw)
   sq = jnp.square(xs - x_hat)
   db_d = c * (x_hat - xs).sum(1)
-  if name == "2023":
-    recon, sparsity = sq.mean((1, 2)), colsum.sum(-1) / B
+  recon = sq.mean((1, 2)) if mean_over_dims else sq.sum(-1).mean(-1)
+  if pre_bias:
     db_d = db_d - jnp.einsum("sdm,sm->sd", W_e, db_e)
-  else:
-    recon, sparsity = sq.sum(-1).mean(-1), (colsum * norms).sum(-1) / B
+  if norm_weighted_l1:
+    sparsity = (colsum * norms).sum(-1) / B
     dW_d = dW_d + (l1_coef / B)[:, None, None] * (colsum / norms)[..., None] * W_d
+  else:
+    sparsity = colsum.sum(-1) / B
   loss = recon + l1_coef * sparsity
   # "f" is lazy: XLA forms it only if a caller reads it. core reads "fired_count" and "f_colsum"
   # instead, which cost no [B, m] pass.

@@ -13,10 +13,10 @@ import zlib
 
 import pytest
 
-from monojax.data import build_corpus as bc
-from monojax.data import corpus_sources as cs
+from monojax.corpus import build_corpus as bc
+from monojax.corpus import corpus_sources as cs
 from monojax.data import pile_io
-from monojax.data import text_clean as tc
+from monojax.corpus import text_clean as tc
 
 # ------------------------------------------------------------------------------------------------
 # Cleaners

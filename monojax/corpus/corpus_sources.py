@@ -38,7 +38,7 @@ import zipfile
 import zlib
 from typing import Callable, Iterable, Iterator
 
-from monojax.data import text_clean as tc
+from monojax.corpus import text_clean as tc
 
 Doc = tuple[str, str, dict]
 MARKER = ".monojax.json"

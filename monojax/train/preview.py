@@ -1,6 +1,7 @@
 """What a newcomer sees at the end of a co-training run, before any inspector exists: the density
 histogram of every SAE (PNG + JSON) and, for the first SAE, a handful of live features sampled
-across densities with the held-out tokens (in context) where each fires most."""
+across densities with the held-out tokens (in context) where each fires most. Reads the run as
+saved (monojax/run.py), like every verb after training."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monojax.data import pipeline
+from monojax import files
 from monojax.sae import core as sae_core, metrics as sae_metrics
 
 TOP_K = 3          # contexts shown per feature
@@ -17,21 +18,21 @@ N_FEATURES = 6     # features shown, spread across the density range
 LEFT, RIGHT = 10, 3  # tokens of context either side of the firing token
 
 
-def top_activations(state, sae_index: int, acts_fn, batches, k: int = TOP_K):
+def top_activations(run, sae, batches, k: int = TOP_K):
   """Scans held-out batches: per-feature firing counts, and the k largest activations with the
   (flat) token index where each happened. Returns (counts[m], top_vals[m,k], top_idx[m,k], tokens[N, T+1])."""
   counts, top_vals, top_idx, all_tokens = None, None, None, []
   offset = 0
 
   @jax.jit
-  def stats(sae_state, acts):
-    f = sae_core.encode(sae_state, sae_index, acts.reshape(-1, acts.shape[-1]))
+  def stats(f):
+    f = f.reshape(-1, f.shape[-1])
     vals, idx = jax.lax.top_k(f.T, k)
     return jnp.sum(f > 0, axis=0, dtype=jnp.int32), vals, idx
 
   for batch in batches:
     tokens = np.asarray(jax.device_get(batch["tokens"]))
-    c, v, i = jax.device_get(stats(state, acts_fn(batch)))
+    c, v, i = jax.device_get(stats(run.features(batch["tokens"][:, :-1], sae)))
     i = i + offset
     offset += tokens.shape[0] * (tokens.shape[1] - 1)
     all_tokens.append(tokens)
@@ -66,20 +67,23 @@ def context(tokenizer, tokens, flat_index: int) -> str:
   return (left + "«" + here + "»" + right).replace("\n", "⏎").replace("`", "'")
 
 
-def finish(cfg, state, sae_names, tokenizer, root, mesh, workdir, log, acts_fn) -> str:
-  """Writes plots/sae<i>_density.{png,json} and preview.md; logs the preview. Returns its text."""
+def finish(run, log) -> str:
+  """Writes plots/sae<i>_density.{png,json} and preview.md into the run's workdir; logs the preview.
+  Returns its text."""
+  cfg, workdir = run.cfg, run.workdir
   plots = os.path.join(workdir, "plots")
   os.makedirs(plots, exist_ok=True)
-  for i, name in enumerate(sae_names):
-    fires, n_tok = sae_core.density(state["sae"], i)
+  for sae in run.saes:
+    fires, n_tok = sae_core.density(run.sae_state, sae)
     fires = np.asarray(jax.device_get(fires))
     if n_tok > 0:
-      sae_metrics.density_histogram(fires, n_tok, os.path.join(plots, f"sae{i}_density.png"),
-                                    os.path.join(plots, f"sae{i}_density.json"), ultralow=cfg.sae.ultralow_density,
-                                    dense=cfg.sae.dense_density, title=f"sae{i} [{name}], {n_tok:,} training tokens")
-  counts, vals, idx, tokens = top_activations(state["sae"], 0, acts_fn, pipeline.eval_batches(cfg, tokenizer, root, mesh))
+      sae_metrics.density_histogram(fires, n_tok, os.path.join(plots, f"{sae.name}_density.png"),
+                                    os.path.join(plots, f"{sae.name}_density.json"), ultralow=cfg.sae.ultralow_density,
+                                    dense=cfg.sae.dense_density, title=f"{sae.name} [{sae.label}], {n_tok:,} training tokens")
+  sae = run.saes[0]
+  counts, vals, idx, tokens = top_activations(run, sae, run.held_out_batches(cfg.train.eval_batches))
   n_tok = tokens.shape[0] * (tokens.shape[1] - 1)
-  lines = [f"# Feature preview: sae0 [{sae_names[0]}]", "",
+  lines = [f"# Feature preview: {sae.name} [{sae.label}]", "",
            f"{int((counts > 0).sum()):,} of {counts.size:,} features fire on {n_tok:,} held-out tokens. "
            f"{N_FEATURES} live features from rarest to densest; «» marks the token where the feature fires, "
            f"with its activation. Density histograms: {plots}/sae<i>_density.png", ""]
@@ -88,11 +92,9 @@ def finish(cfg, state, sae_names, tokenizer, root, mesh, workdir, log, acts_fn) 
                  f"max activation {vals[f, 0]:.3g}")
     for v, j in zip(vals[f], idx[f]):
       if v > 0:
-        lines.append(f"    {v:7.3f}  {context(tokenizer, tokens, j)}")
+        lines.append(f"    {v:7.3f}  {context(run.tokenizer, tokens, j)}")
   text = "\n".join(lines) + "\n"
   path = os.path.join(workdir, "preview.md")
-  with open(path + ".tmp", "w") as fh:
-    fh.write(text)
-  os.replace(path + ".tmp", path)
+  files.atomic_write(path, text)
   log(text + f"(written to {path})")
   return text

