@@ -8,7 +8,7 @@
 The anchors venv (benchmarks/setup_anchors.sh) has monojax (editable) and the pinned torch,
 sae-lens and transformer-lens, so both sides run in the same interpreter, on the same machine, with
 the same allocator (the process re-executes itself once with the glibc malloc tunables of
-shared/docs/cpu-performance.md §1, as benchmarks/lm_step.py does) and the same thread count (XLA's
+docs/cpu-notes.md §1, as benchmarks/lm_step.py does) and the same thread count (XLA's
 CPU client uses every core; torch.set_num_threads(os.cpu_count())).
 
 1. SAE update (forward + backward + Adam + the recipe's decoder constraint), d_in 512, widths
@@ -40,7 +40,7 @@ default and with "off" (dense) as two columns. Parts 3 and 4 start from the stat
 co-training run reaches (fill the buffer from a fresh LM on Zipf-distributed synthetic tokens,
 initialise the SAE from it, --sae_pretrain SAE updates on the buffered activations, --cotrain_warm
 co-trained steps), so the SAE's sparsity is what training gives; the TL model and the SAELens SAE
-are loaded with those same weights. Measurement (cpu-performance.md §5): compile, --warmup untimed steps, then the median of
+are loaded with those same weights. Measurement (docs/cpu-notes.md §5): compile, --warmup untimed steps, then the median of
 --steps timed steps, each run to completion; the runners of one row are timed round-robin. The
 fraction of this machine's f32 matmul peak (a 4096x512 @ 512x4096 jitted matmul, best of 5, measured
 at the start and end of this run) is printed where the FLOPs are defined: LM 6N + attention per
@@ -614,8 +614,9 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
       state, _ = fill(state, batches[i % len(batches)])
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 10**9 + plan.init_step)
     state["sae"] = cotrain.make_init_from_buffer(cfg, mlp, plan, full_sh["sae"])(state["buffer"]["acts"], key)
-    # A co-trained step at vocab 50k costs ~1 s; the SAE's sparsity is reached far cheaper by SAE
-    # updates alone on the buffered activations (then a few co-trained steps on top).
+    # A co-trained step at vocab 50k is costly (BUILD_NOTES.md, "The harness"); the SAE's sparsity
+    # is reached far cheaper by SAE updates alone on the buffered activations (then a few co-trained
+    # steps on top).
     sae_upd = core.make_update_fn(s, groups, plan.total_sae_steps)
     buf_xs = [state["buffer"]["acts"][i * s.batch_size:(i + 1) * s.batch_size]
               for i in range(plan.capacity // s.batch_size)]
@@ -819,7 +820,7 @@ def main(argv) -> None:
   print(f"CPU: {_cpu_model()}; os.cpu_count() = {os.cpu_count()}; {jax.device_count()} x {dev.device_kind} "
         f"({dev.platform}); threads: XLA every core, {threads}; load average {load0[0]:.2f}")
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}"
-        + ("  (set by this script's re-exec, cpu-performance.md §1: both sides)"
+        + ("  (set by this script's re-exec, docs/cpu-notes.md §1: both sides)"
            if os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES else ""))
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS') or '(unset)'}"
         + ("  (--quick: fast compiles, slower code)" if os.environ.get("XLA_FLAGS") == QUICK_XLA_FLAGS else ""))

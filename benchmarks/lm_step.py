@@ -13,7 +13,7 @@ calls after the compile and 2 warm-up calls; the configurations and the anchor a
 round-robin, so load from other processes falls on all of them alike.
 
 The process re-executes itself once with the glibc malloc tunables of
-shared/docs/cpu-performance.md §1 (unless GLIBC_TUNABLES is already set), so the step and the
+docs/cpu-notes.md §1 (unless GLIBC_TUNABLES is already set), so the step and the
 anchor run with the same allocator. --quick: tiny shapes, 2 timed steps, for a smoke check.
 """
 from __future__ import annotations

@@ -10,11 +10,11 @@ round-robin on the same batches. Realistic sparsity without a long training run:
 non-negative sums of a heavy-tailed number of sparse ground-truth directions with a lognormal row
 scale (like ReLU MLP outputs), and each encoder bias is set to a quantile of that feature's
 pre-activation so that feature densities are Zipf-distributed with mean L0 --l0; rows with large
-norms then fire many features (cpu-performance.md §3 measured L0 mean 25-40, p99 225-535, max
+norms then fire many features (docs/cpu-notes.md §3 measured L0 mean 25-40, p99 225-535, max
 1,000-2,500). The L0 mean / p99 / max per row of the timed batches is printed.
 
 Also printed: the encoder GEMM alone and the sparse loss+gradient alone (what limits the step).
-Measurement (cpu-performance.md §5): compile, 2 warm-up steps, median of --steps timed steps with
+Measurement (docs/cpu-notes.md §5): compile, 2 warm-up steps, median of --steps timed steps with
 block_until_ready. Re-executes itself once with the glibc malloc tunables of §1.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ non-negative sums of 1 + ~lognormal(6) ground-truth features per row (Zipf-distr
 sparse non-negative unit directions, exponential coefficients, lognormal row scale, times
 --act_scale) plus a little rectified noise, so the SAE's L0 is small on average and heavy-tailed
 per row. The L0 mean / p99 / max of the timed state on the timed batches is printed per row.
-(cpu-performance.md §3 measured L0 mean 25–40, p99 225–535, max 1,000–2,500 on its SAEs.)
+(docs/cpu-notes.md §3 measured L0 mean 25–40, p99 225–535, max 1,000–2,500 on its SAEs.)
 
 Part 2: co-training overhead at the quickstart shapes (1 layer, d 128, MLP 512, ctx 128, batch 32,
 vocab 8,192, one 2023 SAE 4,096 wide fed 4,096 vectors per step): time of the co-trained step (the
@@ -30,10 +30,10 @@ Target ≤ 1.15. The run is brought up as `train.loop.run` does it, on synthetic
 tokens: "fill" steps fill the buffer, the SAE is initialised from it (`make_init_from_buffer`),
 then --cotrain_warm co-trained steps make the SAE sparse before timing.
 
-Measurement (shared/docs/cpu-performance.md §5): compile, 2 warm-up steps, then the median of
+Measurement (docs/cpu-notes.md §5): compile, 2 warm-up steps, then the median of
 --steps timed steps, each run to completion (block_until_ready); the configurations of one row are
 timed round-robin so load from other processes falls on all of them alike. The process re-executes
-itself once with the glibc malloc tunables of cpu-performance.md §1 (unless GLIBC_TUNABLES is
+itself once with the glibc malloc tunables of docs/cpu-notes.md §1 (unless GLIBC_TUNABLES is
 already set), so monojax and the torch anchor run with the same allocator; torch uses every CPU
 (torch.set_num_threads(os.cpu_count())), as XLA does.
 """
@@ -71,7 +71,7 @@ _TRAIN_UPDATES = flags.DEFINE_integer("train_updates", 100, "SAE updates on synt
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 4096, "batch of those training updates")
 _ACT_SCALE = flags.DEFINE_float("act_scale", 2.0, "scale of the synthetic activations (sets the L0 reached)")
 _SAE_LR = flags.DEFINE_float("sae_lr", 1e-3, "SAE learning rate (quickstart's; does not change the step's cost)")
-_L1 = flags.DEFINE_float("l1", 0.004, "2023 λ (paper-spec §3.4)")
+_L1 = flags.DEFINE_float("l1", 0.004, "2023 λ (docs/paper-notes.md §3.4)")
 _COTRAIN_WARM = flags.DEFINE_integer("cotrain_warm", 100, "co-trained steps after the SAE init, before timing")
 
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -468,7 +468,7 @@ def main(argv):
         + ("  (--quick: fast compiles, slower code; the timings are a smoke check only)"
            if os.environ.get("XLA_FLAGS") == QUICK_XLA_FLAGS else ""))
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '') or '(unset)'}"
-        + ("  (set by this script's re-exec, cpu-performance.md §1)"
+        + ("  (set by this script's re-exec, docs/cpu-notes.md §1)"
            if os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES else ""))
   anchors = None
   if "sae" in parts and (_ANCHOR.value != "none" or quick):

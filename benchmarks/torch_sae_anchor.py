@@ -94,7 +94,7 @@ def plain_2023(params: dict, *, lr: float, l1: float, b1: float = 0.9, b2: float
       last_fired[n_fired > 0] = counter["step"]
       unit = W_d / W_d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
       g = W_d.grad
-      g.sub_((g * unit).sum(-1, keepdim=True) * unit)    # remove the radial component (2023 §3.2)
+      g.sub_((g * unit).sum(-1, keepdim=True) * unit)    # remove the radial component (2023, docs/paper-notes.md §3.2)
     opt.step()
     with torch.no_grad():
       W_d.div_(W_d.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # back to unit rows

@@ -40,9 +40,9 @@ if [[ -z "$port" ]]; then
   port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 
-# shared/docs/cpu-performance.md §1: without these malloc settings every large XLA buffer is
-# page-faulted in again (f32 GEMMs ~1.5x slower, SAE steps up to 2x). Only settable before the
-# process starts, hence here. Export GLIBC_TUNABLES (even empty) to keep your own value.
+# docs/cpu-notes.md §1: without these malloc settings every large XLA buffer is page-faulted in
+# again and steps run slower (measured: BUILD_NOTES.md, "Allocator tunables"). Only settable before
+# the process starts, hence here. Export GLIBC_TUNABLES (even empty) to keep your own value.
 if [[ -z "${GLIBC_TUNABLES+x}" ]]; then
   export GLIBC_TUNABLES="glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
   echo "local.sh: GLIBC_TUNABLES=$GLIBC_TUNABLES (freed memory is kept by each process)" >&2

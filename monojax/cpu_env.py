@@ -2,7 +2,7 @@
 once (glibc reads GLIBC_TUNABLES only at start-up). Imports nothing heavy: call it before jax.
 
 Without them glibc returns XLA's large freed buffers to the OS and every step page-faults them in
-again; with them a step is 1.2-2x faster (measured: BUILD_NOTES.md, "Allocator tunables").
+again; with them steps are faster (measured: BUILD_NOTES.md, "Allocator tunables").
 """
 from __future__ import annotations
 

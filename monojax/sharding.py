@@ -23,7 +23,7 @@ from monojax import errors
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """(data, model) mesh; one -1 entry takes the remaining devices. Auto axis types (see jax-stack)."""
+  """(data, model) mesh; one -1 entry takes the remaining devices. Auto axis types (docs/references.md §2)."""
   devices = devices if devices is not None else jax.devices()
   shape = list(mesh_cfg.shape)
   axes = tuple(mesh_cfg.axes)

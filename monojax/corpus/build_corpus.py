@@ -34,10 +34,10 @@ DEFAULT_CACHE = "~/.cache/monojax/sources"
 MANIFEST = "manifest.json"
 FORMAT = "monojax-corpus/1"
 VAL_PERCENT = 1
-ZSTD_LEVEL = 6  # ~4x faster to write than 10 for ~7% larger shards (45 vs 42 MB for the full mix)
+ZSTD_LEVEL = 6  # far faster to write than 10, slightly larger shards (BUILD_NOTES.md, "Default corpus")
 SHARD_TEXT_BYTES = 48_000_000  # a set with more (repeats included) gets several train shards
 MAX_REPEAT = 4
-# Target token shares by group (docs/corpus.md D.2); the 2% math slot has no source yet.
+# Target token shares by group (docs/corpus-notes.md D.2); the 2% math slot has no source yet.
 TARGET_SHARES = {"books": 0.20, "wikipedia": 0.04, "technical": 0.35, "code": 0.15, "multilingual": 0.12,
                  "misc": 0.10}
 UPSAMPLED_GROUPS = ("books", "wikipedia")  # small high-quality groups get epochs, like the Pile

@@ -10,7 +10,7 @@ Everything lands in a cache folder:
 
 An extractor takes the unpacked root (CACHE/x) and yields documents `(pile_set_name, text, meta)`,
 meta holding at least `source` and `lang`. Cleaning, filtering, splitting and dedupe happen later.
-See docs/corpus.md (shared docs) for how each source was chosen and measured.
+See docs/corpus-notes.md for how each source was chosen and measured.
 """
 from __future__ import annotations
 
@@ -710,7 +710,7 @@ def stdlib_code(root: pathlib.Path) -> Iterator[Doc]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Registry (docs/corpus.md, section D)
+# Registry (docs/corpus-notes.md D.1)
 
 
 def _deb(name: str, licence: str) -> Package:

@@ -137,7 +137,9 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
       # and a higher lr diverges. Checkpointable: grain replays the parent from the window start.
       it = gx.WindowShuffleIterDataset(it, window_size=int(data_cfg.shuffle_windows), seed=seed)
   elif data_cfg.format == "tfds":
-    from monojax.data import tfds_packed  # tfds import costs ~0.3 s; only this path needs it
+    # imported here: the tfds import is slow and only this path needs it (measured: BUILD_NOTES.md,
+    # "Two readers, one tail")
+    from monojax.data import tfds_packed
     ds = grain.MapDataset.source(tfds_packed.packed_source(data_cfg, root, split, tokenizer, log=log))
     if shuffle:
       ds = ds.shuffle(seed=seed)

@@ -1,5 +1,5 @@
 // Sparsity-aware, exact backward pass of a ReLU SAE on CPU, called from JAX through the XLA FFI
-// (monojax/sae/sparse/update.py has the maths and the JAX side; cpu-performance.md §3 the design).
+// (monojax/sae/sparse/update.py has the maths and the JAX side; docs/cpu-notes.md §3 the design).
 //
 // One custom call, "monojax_sae_sparse", per SAE (leading batch dims = stacked members, looped):
 //   in : xw [B,m] (= xe W_e), b_e [m], xe [B,d] (encoder input), x [B,d] (reconstruction target),
@@ -41,7 +41,7 @@ using monojax::Par;
 // ------------------------------------------------------------------------------------ workspace
 
 // Scratch reused across calls: fresh multi-MB allocations would be page-faulted in on every step
-// (cpu-performance.md §1). Concurrent calls (one per device on a multi-device CPU mesh) each take
+// (docs/cpu-notes.md §1). Concurrent calls (one per device on a multi-device CPU mesh) each take
 // their own workspace from a free list.
 struct Chunk {
   std::vector<int32_t> idx;   // active features, row after row
@@ -273,8 +273,9 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
   });
 
   // 4. Features: outer-product sums over each feature's rows. dW_e [d, m] columns go out through a
-  //    [64, d] tile: each of its d rows gets 64 contiguous floats (16 measured ~20 % slower at
-  //    m = 16,384: every row of dW_e is its own 4 KB page, so narrow writes are TLB misses).
+  //    [64, d] tile: each of its d rows gets 64 contiguous floats (narrower tiles measured slower,
+  //    BUILD_NOTES.md "Sparse SAE update": every row of dW_e is its own 4 KB page, so narrow writes
+  //    are TLB misses).
   par.For(n_blocks, [&](int64_t blk) {
     thread_local std::vector<float> tile;
     if (static_cast<int64_t>(tile.size()) < kFeatBlock * d) tile.resize(kFeatBlock * d);

@@ -1,7 +1,7 @@
 """The `sae` config section (the main config includes it as `c.sae = sae_config()`); every field is
 documented here, once. Step-based fields are FRACTIONS of the SAE run length (`total_steps`, passed
 to the SAE functions by the loop), so a short CPU run and the paper's 1M steps share one config.
-Recipe rules: ../../shared/docs/paper-spec.md §3 (2023), §4.2 (April 2024), §9 (side by side).
+Recipe rules: docs/paper-notes.md §3 (2023), §4.2 (April 2024), §9 (side by side).
 """
 from __future__ import annotations
 

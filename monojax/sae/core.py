@@ -1,6 +1,6 @@
 """SAE core: state init, the pure batched update, resampling entry points, encode/decode for
 analysis, and shardings. Recipe rules live in recipes.py; what SAEs exist and where each lives in
-the state, in catalogue.py.
+the state, in catalogue.py. § numbers: docs/paper-notes.md.
 
 State (a plain pytree of arrays; the update is pure and jittable):
   {"groups": {group_key: {"params": {W_e [S,d,m], b_e [S,m], W_d [S,m,d], b_d [S,d]},

@@ -1,7 +1,7 @@
-"""SAE metrics, all fp32 (paper-spec §5.1, §3.6): batch reconstruction/sparsity metrics (jittable),
+"""SAE metrics, all fp32 (docs/paper-notes.md §5.1, §3.6): batch reconstruction/sparsity metrics (jittable),
 feature-density statistics, loss recovered, and the paper-style log10 density histogram.
 
-Definitions are fixed here once (anchors-sae §1 item 5: other libraries shipped wrong FVU/MSE):
+Definitions are fixed here once (docs/references.md §1: other libraries shipped wrong FVU/MSE):
   mse   mean over rows AND dims of (x − x̂)²  (independent of batch size)
   fvu   Σ(x − x̂)² / Σ(x − mean_batch(x))²  (1 − explained variance); NaN for a constant batch
   l0    mean over rows of the number of features with f > 0

@@ -92,8 +92,8 @@ def kth_largest(x, k: int):
   """Exact per-row k-th largest value of x [..., m] as [..., 1] (no gradient).
 
   Bisection on the order-preserving integer image of the floats: 32 compare-and-count passes.
-  XLA's CPU lax.top_k sorts every row and measured 4-5x slower on [1024, 256] and [4096, 4096]
-  (cpu-performance §3 also found it the bottleneck of pure-XLA TopK)."""
+  XLA's CPU lax.top_k sorts every row and is slower (measured: BUILD_NOTES.md, "Core
+  (`monojax/sae/`)"; docs/cpu-notes.md §3 also found it the bottleneck of pure-XLA TopK)."""
   k = min(int(k), x.shape[-1])
   keys = _order_key(jax.lax.stop_gradient(x))
   lo, hi = keys.min(-1, keepdims=True), keys.max(-1, keepdims=True)

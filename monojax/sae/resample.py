@@ -1,7 +1,7 @@
-"""2023 dead-feature resampling (paper-spec §3.5), for one stacked group. Entry point for the loop:
+"""2023 dead-feature resampling (docs/paper-notes.md §3.5), for one stacked group. Entry point for the loop:
 `core.maybe_resample` (when: `core.resample_steps`).
 
-Choices where the paper is ambiguous (paper-spec §10 item 5):
+Choices where the paper is ambiguous (docs/paper-notes.md §10 item 5):
   * "loss" per input = reconstruction MSE only (mean over dims of (x − x̂)²), not MSE + λ·L1: the
     aim is to seed features on the inputs the SAE reconstructs worst, and the L1 term would favour
     inputs that are merely dense.

@@ -9,9 +9,7 @@ into loss, #correct and dlogits = softmax - onehot in place, and XLA runs the tw
 the backward pass only scales the stored dh [N, d] and dW_U [d, V] by the loss's cotangent (the
 loss is a sum, so its cotangent is a scalar). Three GEMMs per chunk and no recomputation, where
 autodiff of chunked JAX recomputes the logits (four) and runs max, exp-sum and the softmax gradient
-as separate memory passes. Measured at ctx 256, batch 32, vocab 50,304 on the 2-core Xeon
-(value+grad of the loss): autodiff whole sequence 3.25 s, autodiff chunk 64 (rematerialised)
-4.75 s, kernel 2.5 s, of which the three GEMMs are 2.2 s.
+as separate memory passes (measured: BUILD_NOTES.md, "CPU cross-entropy kernel").
 """
 from __future__ import annotations
 
@@ -71,9 +69,10 @@ def cross_entropy_terms(h, w_u, targets, vocab_size: int, chunk: int, kernel: bo
   """Sum of next-token cross-entropy (fp32, nats) and number of correct argmax predictions.
 
   h [B, T, d], w_u [d, V_padded], targets int[B, T]. Columns past `vocab_size` (padding) are masked.
-  Everything runs on flattened [N, d] rows (2-D GEMMs; measured 4x faster to differentiate than the
-  3-D einsum on CPU). chunk > 0 (dividing T): positions per chunk, so [B*chunk, V] logits exist at a
-  time, never [B*T, V] (the JAX path rematerialises each chunk's logits in the backward pass).
+  Everything runs on flattened [N, d] rows (2-D GEMMs; much faster to differentiate than the 3-D
+  einsum on CPU, measured: BUILD_NOTES.md, "Step"). chunk > 0 (dividing T): positions per chunk, so
+  [B*chunk, V] logits exist at a time, never [B*T, V] (the JAX path rematerialises each chunk's
+  logits in the backward pass).
   """
   hs, ts = _chunks(h, targets, chunk)
   if kernel:

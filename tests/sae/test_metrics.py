@@ -52,7 +52,7 @@ def test_density_stats_match_numpy():
 def test_loss_recovered():
   assert float(metrics.loss_recovered(2.0, 2.0, 5.0)) == pytest.approx(1.0)
   assert float(metrics.loss_recovered(2.0, 5.0, 5.0)) == pytest.approx(0.0)
-  assert float(metrics.loss_recovered(2.0, 2.63, 5.0)) == pytest.approx(0.79)  # A/1's 79 % (paper-spec §5.2)
+  assert float(metrics.loss_recovered(2.0, 2.63, 5.0)) == pytest.approx(0.79)  # A/1's 79 % (docs/paper-notes.md §5.2)
   np.testing.assert_allclose(metrics.loss_recovered(np.array([2.0, 3.0]), np.array([3.0, 3.5]), 4.0), [0.5, 0.5])
 
 

@@ -2,8 +2,9 @@
 with the same contract as `jax.value_and_grad(recipe.loss, has_aux=True)`, exact (no top-K). A
 recipe opts in by declaring its `sparse` form (recipes.SparseForm: how its loss maps onto the kernel).
 
-Only the encoder GEMM (60-70 % of a step) runs in XLA; everything after it costs work proportional
-to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI call (monojax/kernels/sae_sparse.cc):
+Only the encoder GEMM (most of a step's time; measured: BUILD_NOTES.md, "Sparse SAE update") runs
+in XLA; everything after it costs work proportional to the number of active entries
+A = {(b, i): pre_bi > 0} and runs in one FFI call (monojax/kernels/sae_sparse.cc):
 
   x̂_b = b_d + Σ_{i∈A_b} f_bi W_d,i                g_b = ∂L/∂x̂_b = c·(x̂_b − x_b)
   df_bi = g_b·W_d,i + l1_i on A, 0 elsewhere       (relu' is 0 at 0, as in JAX)
@@ -17,12 +18,12 @@ to the number of active entries A = {(b, i): pre_bi > 0} and runs in one FFI cal
         otherwise (2023) l1_i = λ/B.
 
 Dense activity. The kernel's cost grows with |A| and beats the four remaining dense GEMMs only
-while few features fire: a fresh SAE fires about half of them, where the kernel measured 3.5x
-slower than the dense step. So the density is estimated on a strided sample of rows and above
-MAX_DENSITY the same formulas run as dense GEMMs (lax.cond; the encoder GEMM is shared). The
-predicate must not be batched (vmap turns a batched cond into both branches), so this function
-has its own vmap rule: stacked members (core vmaps over them) share one decision, and go through
-the custom call as one call looping over the leading axis.
+while few features fire: a fresh SAE fires about half of them, where the kernel is slower than
+the dense step (measured: BUILD_NOTES.md, "Sparse SAE update"). So the density is estimated on a
+strided sample of rows and above MAX_DENSITY the same formulas run as dense GEMMs (lax.cond; the
+encoder GEMM is shared). The predicate must not be batched (vmap turns a batched cond into both
+branches), so this function has its own vmap rule: stacked members (core vmaps over them) share one
+decision, and go through the custom call as one call looping over the leading axis.
 
 Under a mesh, XLA's partitioner all-gathers the custom call's operands and runs it on every
 device: correct, and the encoder GEMM and Adam stay sharded, but the kernel's work is repeated
@@ -40,7 +41,8 @@ import numpy as np
 from monojax.kernels import build
 
 F32 = jnp.float32
-MAX_DENSITY = 0.1   # fraction of active entries above which the dense formulas run (crossover ~0.12 measured)
+MAX_DENSITY = 0.1   # fraction of active entries above which the dense formulas run
+                    # (crossover ~0.12 measured: BUILD_NOTES.md, "Sparse SAE update")
 PROBE_ROWS = 256    # rows sampled for that estimate
 
 
