@@ -1,8 +1,11 @@
 """The main entry point end to end on the small fixture corpus."""
 import json
+import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +43,24 @@ def test_main_reports_data_trains_and_writes_the_workdir(tiny_corpus, tmp_path):
   assert (wd / "plots" / "sae0_density.png").stat().st_size > 1000
   preview = (wd / "preview.md").read_text()
   assert "# Feature preview" in preview and "«" in preview
+  # The numbers, not just their names: finite, in range, and each derived one consistent with the
+  # parts it is computed from (a NaN, a sign error or a swapped term fails here).
+  train = [r for r in rows if "loss" in r]
+  assert all(math.isfinite(r["loss"]) and 0 < r["loss"] < 10 and 0 <= r["accuracy"] <= 1 for r in train)
+  assert all(r["bits_per_byte"] > 0 and r["tokens_per_s"] > 0 for r in train)
+  ev = [r for r in rows if "sae0_eval/loss_recovered" in r][-1]  # the final evaluation (step 4)
+  assert math.isfinite(ev["eval/loss"]) and ev["eval/loss"] > 0 and 0 <= ev["eval/accuracy"] <= 1
+  assert 0 < ev["eval/unigram_entropy"] <= math.log(400)
+  clean, zero, spliced = ev["sae_eval/loss_clean"], ev["sae_eval/loss_zero_ablated"], ev["sae0_eval/loss_spliced"]
+  assert clean == pytest.approx(ev["eval/loss"], rel=1e-5)  # the LM eval and the SAE eval read the same tokens
+  assert math.isfinite(ev["sae0_eval/loss_recovered"])
+  assert ev["sae0_eval/loss_recovered"] == pytest.approx((zero - spliced) / (zero - clean), rel=1e-4)
+  assert 0 <= ev["sae0_eval/fvu"] and 0 <= ev["sae0_eval/l0"] <= 128
+  assert ev["sae0_eval/dead"] + ev["sae0_eval/alive"] == ev["sae0_eval/n_features"] == 128
+  assert f"sae0_eval/loss_recovered {ev['sae0_eval/loss_recovered']:.4g}" in out  # the closing line
+  # What later verbs open: the tokenizer as trained, the resolved config, the SAE records.
+  assert cfg["model"]["vocab_size"] % 128 == 0 and cfg["config_version"] >= 2  # resolved: the padded vocab
+  assert (wd / "tokenizer.json").is_file() and (wd / "checkpoints" / "4" / "meta").is_dir()
 
 
 def test_unknown_override_is_rejected(tmp_path):
