@@ -29,7 +29,7 @@ CPU client uses every core; torch.set_num_threads(os.cpu_count())).
    buffer exchange in torch -> one SAELens update (benchmarks/anchors_tl.py). Also monojax
    co-trained ÷ monojax LM alone (the "lm" phase of the same make_step).
 4. SAE training on a frozen LM per token: monojax's "train" step with `make_lm_forward_only` (what
-   train/loop.py runs in mode "frozen") vs TL `run_with_cache(stop_at_layer=1,
+   train/job.py builds in mode "frozen") vs TL `run_with_cache(stop_at_layer=1,
    names_filter=hook)` under torch.no_grad + buffer exchange + SAELens update.
 5. The data pipeline's tokens/s (`data.pipeline.host_batches`, raw format, on the default corpus
    if it is built, else a small corpus of Python's pydoc topics) vs the tokens/s the co-trained
@@ -326,51 +326,29 @@ def _cpu_model() -> str:
 # ------------------------------------------------------------------------------- part 1: SAE update
 
 def lm_activations(workdir: str, n_rows: int, seed: int = 1):
-  """[n_rows, d_mlp] float32 MLP post-ReLU activations of the finished LM run in `workdir` on its
-  corpus (train split, data seed `seed`: another order than the run's), rows shuffled."""
-  import json
-  import jax
-  import jax.numpy as jnp
+  """[n_rows, d_mlp] float32 MLP post-ReLU activations of the finished LM run in `workdir` (opened
+  with the run loader: its own tokenizer, config and newest checkpoint) on its corpus (train split,
+  data seed `seed`: another order than the run's), rows shuffled."""
   import numpy as np
-  from monojax import sharding
-  from monojax.config import base_config
-  from monojax.data import pipeline, tokenizer as tokenizer_lib
-  from monojax.train import checkpoint, state as state_lib, step as step_lib
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  cfg = base_config()
-  for k, v in saved["model"].items():
-    if k in cfg.model and k not in ("max_seq_len", "vocab_size"):
-      setattr(cfg.model, k, tuple(v) if isinstance(v, list) else v)
-  for k in ("path", "train_files", "tokenizer", "seq_len", "global_batch", "bpe_train_mb", "index_dir"):
-    if k in saved["data"]:
-      setattr(cfg.data, k, saved["data"][k])
-  cfg.data.count_tokens = False
+  from monojax.corpus import build_corpus
+  from monojax.data import pipeline
+  from monojax.run import Run
   quiet = lambda *a, **k: None  # noqa: E731
-  root = pipeline.corpus_root(cfg.data)
-  tok = pipeline.get_tokenizer(cfg.data, root, log=quiet)
-  cfg.model.vocab_size = tokenizer_lib.padded_vocab_size(tok.vocab_size)
-  mesh = sharding.make_mesh(cfg.mesh)
-  tx = state_lib.make_optimizer(cfg.train, state_lib.make_schedule(cfg.train))
-  graphdef, state, _ = state_lib.init_state(cfg.model, tx, 0, mesh)
-  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6, use_async=False, log=quiet)
-  restored = ck.restore_params(state["params"])
-  ck.close()
-  if restored is None:
-    raise FileNotFoundError(f"--lm_workdir {workdir}: no restorable checkpoint")
-  lm_step_n, params = restored
-  fwd = jax.jit(lambda p, t: step_lib.lm_forward(graphdef, p, t, vocab_size=tok.vocab_size, dtype=jnp.float32,
-                                                 loss_chunk=0)[1]["mlp_post"][0])
-  it = iter(pipeline.host_batches(cfg.data, "train", tokenizer=tok, root=root, host_batch=cfg.data.global_batch,
-                                  seed=seed, process_index=0, process_count=1, log=quiet))
+  run = Run.open(workdir, log=quiet)
+  cfg = run.cfg
+  root = build_corpus.ensure_data_root(cfg.data, log=quiet)
+  it = iter(pipeline.host_batches(cfg.data, "train", tokenizer=run.tokenizer, root=root,
+                                  host_batch=cfg.data.global_batch, seed=seed, process_index=0, process_count=1,
+                                  log=quiet))
   rows, n = [], 0
   while n < n_rows:
-    a = np.asarray(fwd(params, next(it)["tokens"]))
+    a = np.asarray(run.mlp_acts(next(it)["tokens"][:, :-1], layer=0))
     rows.append(a.reshape(-1, a.shape[-1]))
     n += rows[-1].shape[0]
   acts = np.concatenate(rows)[:n_rows]
   acts = acts[np.random.default_rng(seed).permutation(len(acts))]
-  return acts, f"LM {workdir} (step {lm_step_n}, {cfg.model.d_model}x{cfg.model.d_mlp}, {tok.spec}), ctx {cfg.data.seq_len}"
+  return acts, (f"LM {workdir} (step {run.step}, {cfg.model.d_model}x{cfg.model.d_mlp}, {run.tokenizer.spec}), "
+                f"ctx {cfg.data.seq_len}")
 
 
 def part_sae(args, sh, anchors_ok: bool) -> None:
@@ -592,9 +570,9 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
     kw = dict(vocab_size=vocab, dtype="float32", loss_chunk=cfg.train.loss_chunk,
               token_bytes=jnp.ones((vocab,), jnp.int32))
     lm_update = step_lib.make_lm_update(graphdef, tx, schedule, **kw)
-    # The frozen-LM step as train/loop.py builds it: the forward stops at the SAE's layer.
+    # The frozen-LM step as train/job.py builds it: the forward stops at the SAE's layer.
     lm_fwd_only = step_lib.make_lm_forward_only(graphdef, layer=s.layer, dtype="float32")
-    frozen_note = ("monojax's frozen step (train/loop.py mode 'frozen') stops at the SAE's layer (no unembedding), "
+    frozen_note = ("monojax's frozen step (train/job.py, mode 'frozen') stops at the SAE's layer (no unembedding), "
                    "as TL's stop_at_layer=1")
     batch_sh = {"tokens": sharding.batch_sharding(mesh)}
 
@@ -607,7 +585,7 @@ def part_jobs(args, sh, anchors_ok: bool, do_cotrain: bool, do_frozen: bool) -> 
 
     toks = token_batches(sh, vocab, n=8)
     batches = [{"tokens": jax.device_put(t, batch_sh["tokens"])} for t in toks]
-    # Bring-up as train/loop.py run(): fill the buffer, initialise the SAE from it, co-train a while.
+    # Bring-up as train/job.py and train/loop.py do it: fill the buffer, initialise the SAE from it, co-train a while.
     t0 = time.perf_counter()
     fill = jit_step("fill", lm_update)
     for i in range(plan.init_step):

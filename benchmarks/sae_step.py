@@ -313,7 +313,7 @@ def zipf_tokens(rng, shape, vocab: int):
 
 
 def cotrain_row(name: str, shape: tuple, quick: bool, steps: int, warmup: int) -> tuple:
-  """Brings up one co-training configuration as train/loop.py run() does and times its three
+  """Brings up one co-training configuration as train/job.py and train/loop.py do and times its three
   runners round-robin. Returns (name, shape summary, L0 stats, [(median s, spread)] for the
   co-trained step, the LM-only step and the SAE update alone)."""
   import jax
@@ -348,7 +348,7 @@ def cotrain_row(name: str, shape: tuple, quick: bool, steps: int, warmup: int) -
   plan = cotrain.make_plan(cfg, cfg.train.steps)
   groups = core.groups_from_config(s)
   state, shardings = cotrain.with_sae_and_buffer(cfg, lm_state, lm_shardings, mlp, plan, mesh)
-  # Same wiring as train/loop.py run(); bits/byte is not measured here.
+  # Same wiring as train/job.py; bits/byte is not measured here.
   lm_update = step_lib.make_lm_update(graphdef, tx, schedule, vocab_size=vocab, dtype=cfg.train.dtype,
                                       loss_chunk=cfg.train.loss_chunk, token_bytes=jnp.ones((vocab,), jnp.int32))
   batch_sh = {"tokens": sharding.batch_sharding(mesh)}
