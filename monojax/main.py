@@ -15,7 +15,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config.name>).")
 _MALLOC = flags.DEFINE_bool("cpu_malloc_tunables", True, "On CPU, re-execute once with glibc malloc tunables that "
-                            "keep XLA's large buffers mapped (1.2-2x faster steps; see BUILD_NOTES.md).")
+                            "keep XLA's large buffers mapped (faster steps; BUILD_NOTES.md, \"Allocator tunables\").")
 
 flags.mark_flags_as_required(["config"])
 

@@ -37,10 +37,6 @@ METRIC_NAMES = ("loss", "mse", "fvu", "l0", "l1", "recon", "sparsity", "aux_k", 
                 "dead_frac")
 
 
-def n_saes(groups) -> int:
-  return sum(g.size for g in groups)
-
-
 # ------------------------------------------------------------------------------------------- init
 
 def init_state(sae_cfg, d_in: int, key, sample_acts, total_steps: int) -> dict:

@@ -20,7 +20,7 @@ from monojax.corpus import build_corpus
 from monojax.data import pipeline, summary, tokenizer as tokenizer_lib
 from monojax.run import Run
 from monojax.sae import catalogue, core as sae_core
-from monojax.train import (cotrain, evaluate, metrics as metrics_lib, state as state_lib, step as step_lib)
+from monojax.train import cotrain, evaluate, metrics as metrics_lib, state as state_lib, step as step_lib
 
 
 @dataclasses.dataclass
@@ -113,7 +113,7 @@ def setup(cfg, workdir: str, log) -> Job:
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths(cfg.model.vocab_size))
   kw = dict(vocab_size=tokenizer.vocab_size, dtype=cfg.train.dtype, loss_chunk=cfg.train.loss_chunk,
             token_bytes=token_bytes)
-  step_fns, lm_update = _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, saes, kw)
+  step_fns = _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, kw)
   batch_sh = {"tokens": sharding.batch_sharding(mesh)}
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, **kw), in_shardings=(shardings["params"], batch_sh))
   sae_eval_step = sae_init = sae_resample = None
@@ -158,8 +158,8 @@ def _open_frozen_lm(cfg, mesh, log) -> Run:
   return lm_run
 
 
-def _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, saes, kw):
-  """{phase: jitted (state, batch) -> (state, metrics)} and the LM part they share."""
+def _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, kw) -> dict:
+  """{phase: jitted (state, batch) -> (state, metrics)}: LM only, or the three co-training phases."""
   batch_sh = {"tokens": sharding.batch_sharding(mesh)}
   if cfg.mode == "frozen":
     lm_update = step_lib.make_lm_forward_only(graphdef, layer=cfg.sae.layer, dtype=cfg.train.dtype)
@@ -170,12 +170,12 @@ def _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, saes, kw
   if plan is not None:
     groups = catalogue.groups_from_config(cfg.sae)
     return {ph: jax.jit(cotrain.make_step(cfg, ph, plan, lm_update, groups, mesh, cfg.sae.layer), **jit_kw)
-            for ph in ("lm", "fill", "train")}, lm_update
+            for ph in ("lm", "fill", "train")}
 
   def lm_only(state, batch):
     new_state, metrics, _ = lm_update(state, batch["tokens"])
     return new_state, metrics
-  return {"lm": jax.jit(lm_only, **jit_kw)}, lm_update
+  return {"lm": jax.jit(lm_only, **jit_kw)}
 
 
 def _log_model(cfg, state, step_fns, plan, start, total, mesh, tokenizer, frozen, log):
