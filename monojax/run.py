@@ -97,6 +97,12 @@ class Run:
     have = ", ".join(f"{s.name} [{s.label}]" for s in self.saes) or "none (an LM-only run)"
     raise errors.UserInputError(f"{self.workdir}: no SAE {which!r}; this run has {have}")
 
+  def input_scale(self, sae) -> float:
+    """The constant `sae` multiplies its inputs by: the 2024 and topk recipes' c with E‖c·x‖ = √n
+    on the init sample, 1.0 for recipes that see raw activations."""
+    sae = self.sae(sae)
+    return float(self.sae_state["input_scale"]) if sae.rules.scales_input else 1.0
+
   # ------------------------------------------------------------------------- jitted functions
 
   @property
@@ -171,7 +177,8 @@ class Run:
     return jax.jit(logits)
 
   def __repr__(self) -> str:
-    saes = "; ".join(f"{s.name} [{s.label}] layer {s.layer}" for s in self.saes) or "no SAEs"
+    saes = "; ".join(f"{s.name} [{s.label}] layer {s.layer}, input scale {self.input_scale(s):.4g}"
+                     for s in self.saes) or "no SAEs"
     return f"Run({self.workdir}, step {self.step}, mode {self.cfg.mode}, {saes})"
 
 

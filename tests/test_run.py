@@ -132,6 +132,9 @@ def test_several_groups_and_recipes_are_in_the_catalogue(runs):
       ("sae3", "topk", 48, 0.0, 4)]
   assert run.saes[0].group == run.saes[1].group != run.saes[2].group  # the λ sweep is one stacked group
   assert {s.member for s in run.saes[:2]} == {0, 1}
+  scale = float(runs["cotrain"].state["sae"]["input_scale"])
+  assert [run.input_scale(s) for s in run.saes] == [1.0, 1.0, scale, scale] and scale != 1.0
+  assert "sae3 [48 topk l1=0] layer 0" in repr(run)
 
 
 def test_frozen_run_uses_the_lm_run(runs):

@@ -62,10 +62,59 @@ def setup(cfg, workdir: str, log) -> Job:
   """Everything the step loop needs, resumed from the workdir's newest checkpoint if any."""
   mesh = sharding.make_mesh(cfg.mesh)
   frozen = cfg.mode == "frozen"
-  use_sae = cfg.mode in ("cotrain", "frozen") and cfg.sae.enabled
   lm_run = _open_frozen_lm(cfg, mesh, log) if frozen else None
+  root, tokenizer, train_batches = _data(cfg, workdir, mesh, lm_run, log)
+  total = cfg.train.steps
+  schedule = state_lib.make_schedule(cfg.train)
+  tx = state_lib.make_optimizer(cfg.train, schedule)
+  graphdef, state, shardings = state_lib.init_state(cfg.model, tx, cfg.seed, mesh)
+  if frozen:
+    state["params"] = lm_run.params
+    log(f"frozen LM: parameters of step {lm_run.step} from {lm_run.workdir}")
+  saes, plan = (), None
+  if cfg.mode in ("cotrain", "frozen") and cfg.sae.enabled:
+    plan = cotrain.make_plan(cfg, total)
+    saes = catalogue.build(cfg.sae, cfg.model.d_mlp, cfg.sae.layer)
+    state, shardings = cotrain.with_sae_and_buffer(cfg, state, shardings, cfg.model.d_mlp, plan, mesh)
+    log(f"sae: {len(saes)} SAE(s) [{'; '.join(s.label for s in saes)}] on layer {cfg.sae.layer} MLP activations; "
+        f"{plan.positions} positions/context -> {plan.per_step:,} vectors/step through a {plan.capacity:,}-row "
+        f"buffer; sampling from step {plan.start}, SAE init at step {plan.init_step}, "
+        f"{plan.total_sae_steps:,} SAE updates of {cfg.sae.batch_size:,}")
+  train_iter = iter(train_batches())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                 use_async=cfg.train.async_checkpoints, log=log)
+  restored = ckpt.restore_latest(state, train_iter)
+  if restored is not None:
+    state = restored[1]
+    log(f"resumed from {ckpt.directory} at step {restored[0]}")
+  start = int(jax.device_get(state["step"]))
+
+  kw = dict(vocab_size=tokenizer.vocab_size, dtype=cfg.train.dtype, loss_chunk=cfg.train.loss_chunk,
+            token_bytes=jnp.asarray(tokenizer.token_byte_lengths(cfg.model.vocab_size)))
+  step_fns = _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, kw)
+  sae_init, sae_resample, resample_at, sae_eval_step = _sae_functions(cfg, graphdef, shardings, plan, saes, kw)
+  batch_sh = {"tokens": sharding.batch_sharding(mesh)}
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, **kw), in_shardings=(shardings["params"], batch_sh))
+  flops_tok, peak = _log_model(cfg, state, step_fns, plan, start, total, mesh, tokenizer, frozen, log)
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, start, enabled=is_main)
+  reporter = evaluate.Reporter(writer, total=total, tokens_per_step=cfg.data.global_batch * cfg.data.seq_len,
+                               flops_per_token=flops_tok, peak=peak, saes=saes, is_main=is_main, log=log)
+  evaluator = evaluate.Evaluator(cfg, tokenizer=tokenizer, root=root, mesh=mesh, eval_step=eval_step,
+                                 sae_eval_step=sae_eval_step, saes=saes,
+                                 sae_from_step=plan.init_step if plan else total + 1, log=log)
+  return Job(cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, start=start,
+             saes=saes, plan=plan, step_fns=step_fns, sae_init=sae_init, sae_resample=sae_resample,
+             resample_at=resample_at, evaluate=evaluator, reporter=reporter, writer=writer, ckpt=ckpt,
+             train_iter=train_iter)
+
+
+def _data(cfg, workdir: str, mesh, lm_run, log):
+  """The data root (the default corpus built if needed), the tokenizer (a frozen job's: the LM
+  run's), the resolved config and the tokenizer copy written to the workdir, the corpus summary,
+  and a factory of global training batches (its throughput measured once)."""
   root = build_corpus.ensure_data_root(cfg.data, log=log)
-  tokenizer = lm_run.tokenizer if frozen else pipeline.get_tokenizer(cfg.data, root, log=log)
+  tokenizer = lm_run.tokenizer if lm_run is not None else pipeline.get_tokenizer(cfg.data, root, log=log)
   with cfg.unlocked():
     cfg.model.vocab_size = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
   if jax.process_index() == 0:
@@ -84,59 +133,20 @@ def setup(cfg, workdir: str, log) -> Job:
     m = summary.measure_pipeline(train_batches(), cfg.preview_batches)
     log(f"data: pipeline ({cfg.data.format}) {m['tokens_per_s'] / 1e6:.2f} M tokens/s on this host "
         f"(first batch after {m['first_batch_s']:.1f}s)")
+  return root, tokenizer, train_batches
 
-  total = cfg.train.steps
-  schedule = state_lib.make_schedule(cfg.train)
-  tx = state_lib.make_optimizer(cfg.train, schedule)
-  graphdef, state, shardings = state_lib.init_state(cfg.model, tx, cfg.seed, mesh)
-  if frozen:
-    state["params"] = lm_run.params
-    log(f"frozen LM: parameters of step {lm_run.step} from {lm_run.workdir}")
-  saes, plan = (), None
-  if use_sae:
-    plan = cotrain.make_plan(cfg, total)
-    saes = catalogue.build(cfg.sae, cfg.model.d_mlp, cfg.sae.layer)
-    state, shardings = cotrain.with_sae_and_buffer(cfg, state, shardings, cfg.model.d_mlp, plan, mesh)
-    log(f"sae: {len(saes)} SAE(s) [{'; '.join(s.label for s in saes)}] on layer {cfg.sae.layer} MLP activations; "
-        f"{plan.positions} positions/context -> {plan.per_step:,} vectors/step through a {plan.capacity:,}-row "
-        f"buffer; sampling from step {plan.start}, SAE init at step {plan.init_step}, "
-        f"{plan.total_sae_steps:,} SAE updates of {cfg.sae.batch_size:,}")
-  train_iter = iter(train_batches())
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                 use_async=cfg.train.async_checkpoints, log=log)
-  restored = ckpt.restore_latest(state, train_iter)
-  if restored is not None:
-    state = restored[1]
-    log(f"resumed from {ckpt.directory} at step {restored[0]}")
-  start = int(jax.device_get(state["step"]))
 
-  token_bytes = jnp.asarray(tokenizer.token_byte_lengths(cfg.model.vocab_size))
-  kw = dict(vocab_size=tokenizer.vocab_size, dtype=cfg.train.dtype, loss_chunk=cfg.train.loss_chunk,
-            token_bytes=token_bytes)
-  step_fns = _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, kw)
-  batch_sh = {"tokens": sharding.batch_sharding(mesh)}
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, **kw), in_shardings=(shardings["params"], batch_sh))
-  sae_eval_step = sae_init = sae_resample = None
-  resample_at: set = set()
-  if use_sae:
-    groups = catalogue.groups_from_config(cfg.sae)
-    sae_init = cotrain.make_init_from_buffer(cfg, cfg.model.d_mlp, plan, shardings["sae"])
-    sae_resample = cotrain.make_resample(cfg, groups, plan, shardings["sae"])
-    resample_at = set(sae_core.resample_steps(cfg.sae, plan.total_sae_steps))
-    sae_eval_step = jax.jit(cotrain.make_eval_step(graphdef, saes, vocab_size=kw["vocab_size"], dtype=kw["dtype"],
-                                                   loss_chunk=kw["loss_chunk"]))
-  flops_tok, peak = _log_model(cfg, state, step_fns, plan, start, total, mesh, tokenizer, frozen, log)
-  writer = metrics_lib.MetricWriter(workdir, start, enabled=jax.process_index() == 0)
-  reporter = evaluate.Reporter(writer, total=total, tokens_per_step=cfg.data.global_batch * cfg.data.seq_len,
-                               flops_per_token=flops_tok, peak=peak, saes=saes, is_main=jax.process_index() == 0,
-                               log=log)
-  evaluator = evaluate.Evaluator(cfg, tokenizer=tokenizer, root=root, mesh=mesh, eval_step=eval_step,
-                                 sae_eval_step=sae_eval_step, saes=saes,
-                                 sae_from_step=plan.init_step if plan else total + 1, log=log)
-  return Job(cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, start=start,
-             saes=saes, plan=plan, step_fns=step_fns, sae_init=sae_init, sae_resample=sae_resample,
-             resample_at=resample_at, evaluate=evaluator, reporter=reporter, writer=writer, ckpt=ckpt,
-             train_iter=train_iter)
+def _sae_functions(cfg, graphdef, shardings, plan, saes, kw):
+  """(init from the buffer, resample, SAE steps to resample after, jitted SAE eval step); Nones
+  for an LM-only job."""
+  if plan is None:
+    return None, None, set(), None
+  groups = catalogue.groups_from_config(cfg.sae)
+  return (cotrain.make_init_from_buffer(cfg, cfg.model.d_mlp, plan, shardings["sae"]),
+          cotrain.make_resample(cfg, groups, plan, shardings["sae"]),
+          set(sae_core.resample_steps(cfg.sae, plan.total_sae_steps)),
+          jax.jit(cotrain.make_eval_step(graphdef, saes, vocab_size=kw["vocab_size"], dtype=kw["dtype"],
+                                         loss_chunk=kw["loss_chunk"])))
 
 
 def _open_frozen_lm(cfg, mesh, log) -> Run:
