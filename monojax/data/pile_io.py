@@ -45,7 +45,7 @@ def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]], leve
         out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
         docs += 1
         nbytes += len(rec["text"].encode("utf-8"))
-    tmp.rename(path)
+    tmp.replace(path)  # replace, not rename: an existing shard is overwritten
   finally:
     if tmp.exists():
       tmp.unlink()

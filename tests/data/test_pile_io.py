@@ -108,3 +108,13 @@ def test_writer_rejects_records_without_set_name(tmp_path):
     pile_io.write_shard(tmp_path / "w.jsonl.zst", [{"text": "a", "meta": {}}])
   assert not (tmp_path / "w.jsonl.zst").exists()
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_writer_overwrites_an_existing_shard_atomically(tmp_path):
+  path = tmp_path / "o.jsonl.zst"
+  pile_io.write_shard(path, [{"text": "old", "meta": {"pile_set_name": "s"}}])
+  pile_io.write_shard(path, [{"text": "new", "meta": {"pile_set_name": "s"}}, {"text": "2", "meta": {"pile_set_name": "s"}}])
+  assert [r["text"] for _, r in pile_io.read_records(path)] == ["new", "2"]
+  with pytest.raises(ValueError):  # a failed rewrite leaves the previous shard whole
+    pile_io.write_shard(path, [{"text": "x", "meta": {}}])
+  assert [r["text"] for _, r in pile_io.read_records(path)] == ["new", "2"] and not list(tmp_path.glob("*.tmp"))

@@ -59,12 +59,55 @@ def test_two_hosts_see_disjoint_data_that_covers_everything(data_cfg):
     np.testing.assert_array_equal(got, stream[:len(stream) // L * L])
 
 
+def _global_order(n, seed, positions):
+  """Document index at each global position of the shuffled, repeating training stream, computed
+  from grain's index permutation alone: shuffle a range of n with the seed, repeat (reshuffled each
+  epoch), read position j."""
+  import grain
+  order = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+  return [int(order[j]) % n for j in range(positions)]
+
+
+def _host_windows(data_cfg, n_windows, **kw):
+  it = iter(_batches(data_cfg, host_batch=32, **kw))
+  got = []
+  while sum(len(b) for b in got) < n_windows:
+    got.append(next(it)["tokens"])
+  return np.concatenate(got)[:n_windows]
+
+
 def test_two_hosts_shuffled_training_differs_and_matches_the_global_order(data_cfg):
-  a = next(iter(_batches(data_cfg, process_index=0, process_count=2)))["tokens"]
-  b = next(iter(_batches(data_cfg, process_index=1, process_count=2)))["tokens"]
-  assert not np.array_equal(a, b)
-  c = next(iter(_batches(data_cfg, seed=1, process_index=0, process_count=2)))["tokens"]
-  assert not np.array_equal(a, c)  # the data seed changes the order
+  """The training path (repeat, shuffle; window shuffle off): host i of 2 reads the documents at
+  global shuffled positions i, i+2, i+4, ..., tokenized with EOS after each and packed, through
+  the first epoch and into the second (reshuffled). So the hosts are disjoint and together cover
+  each epoch, and the data seed picks the order."""
+  data_cfg.shuffle_windows = 0
+  tok = _tok(data_cfg)
+  src = pipeline.text_source(data_cfg, data_cfg.path, "train")
+  n = len(src)
+  docs = [src[i] for i in range(n)]
+  assert docs == _docs(data_cfg, "train")  # index i -> the i-th document of the shards, in order
+  L = data_cfg.seq_len + 1
+  orders = {}
+  for seed in (0, 7):
+    order = orders[seed] = _global_order(n, seed, 3 * n)
+    epochs = [order[e * n:(e + 1) * n] for e in range(3)]
+    for e, ep in enumerate(epochs):
+      assert sorted(ep) == list(range(n))  # each epoch is a permutation of the documents...
+      host0, host1 = ({ep[t] for t in range(n) if (e * n + t) % 2 == h} for h in (0, 1))
+      assert not host0 & host1 and host0 | host1 == set(range(n))  # ...split disjointly over 2 hosts
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled each epoch
+    for pi in range(2):
+      # Host pi's documents over the first two epochs: global positions pi, pi+2, ... < 2n.
+      mine = [order[j] for j in range(pi, 2 * n, 2)]
+      stream = tok.encode_documents([docs[d] for d in mine])
+      k = len(stream) // L  # the host's stream goes on, so its first k windows lie inside `stream`
+      first_epoch = sum(1 for j in range(pi, 2 * n, 2) if j < n)
+      assert len(tok.encode_documents([docs[d] for d in mine[:first_epoch]])) < (k - 10) * L  # crosses the epoch
+      got = _host_windows(data_cfg, k, seed=seed, process_index=pi, process_count=2)
+      np.testing.assert_array_equal(got.reshape(-1), stream[:k * L], err_msg=f"seed {seed} host {pi}")
+  assert orders[0][:n] != orders[7][:n]  # the data seed changes the order
+  assert orders[0][:n] != list(range(n))  # and it is shuffled
 
 
 def test_window_shuffle_permutes_packed_windows_within_blocks(data_cfg):
@@ -170,6 +213,37 @@ def test_index_is_cached_and_invalidated_by_changes(data_cfg, tmp_path):
   assert s1[0] == _docs(data_cfg, "val")[0] and s1.set_name(0) == "Docs: Python (odd)"
   s3 = sources.JsonlZstSource(files, on_error="skip", index_dir=str(tmp_path / "idx"), log=logs.append)
   assert s3.dir != s1.dir
+
+
+def test_index_is_invalidated_by_an_edited_or_touched_shard(data_cfg, tmp_path):
+  """The cache key is each file's path, size and mtime: a rewritten shard (new size, old mtime put
+  back) and a touched one (same bytes, new mtime) each get a new index, built from the new bytes."""
+  import os
+  import shutil
+  root = tmp_path / "corpus"
+  shutil.copytree(data_cfg.path, root)  # the session corpus stays as it is
+  files = sources.split_files(data_cfg, str(root), "val")
+  idx, logs = str(tmp_path / "idx"), []
+  s1 = sources.JsonlZstSource(files, index_dir=idx, log=logs.append)
+  assert [s1[i] for i in range(len(s1))] == _docs(data_cfg, "val")
+  shard = files[0]
+  before = os.stat(shard)
+  edited = [{"text": f"an edited document {i}. " * (i + 1), "meta": {"pile_set_name": "Edited"}} for i in range(3)]
+  pile_io.write_shard(shard, edited)  # overwrites the shard in place
+  os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # only the size tells it apart
+  assert os.stat(shard).st_size != before.st_size and os.stat(shard).st_mtime_ns == before.st_mtime_ns
+  s2 = sources.JsonlZstSource(files, index_dir=idx, log=logs.append)
+  assert s2.dir != s1.dir
+  assert [s2[i] for i in range(len(s2))] == [r["text"] for r in edited] and s2.set_name(0) == "Edited"
+  size = os.stat(shard).st_size
+  os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 5 * 10**9))  # touched: same bytes
+  assert os.stat(shard).st_size == size
+  s3 = sources.JsonlZstSource(files, index_dir=idx, log=logs.append)
+  assert s3.dir not in (s1.dir, s2.dir)
+  assert [s3[i] for i in range(len(s3))] == [r["text"] for r in edited]
+  assert sum("indexed" in line for line in logs) == 3
+  s4 = sources.JsonlZstSource(files, index_dir=idx, log=logs.append)  # unchanged again: cached
+  assert s4.dir == s3.dir and sum("indexed" in line for line in logs) == 3
 
 
 def test_missing_inputs_give_clear_errors(data_cfg, tmp_path):

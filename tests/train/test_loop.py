@@ -23,14 +23,22 @@ def base_args(tiny_corpus, tiny_tokenizer_path, tmp_path):
           "--config.train.eval_batches=2", "--config.train.warmup_steps=2"]
 
 
-def _start(args, **kw):
+O0_FLAG = "--xla_backend_optimization_level"
+
+
+def _start(args, xla_default_opt=False, **kw):
+  """The main entry in a subprocess. conftest compiles at LLVM -O0 for speed (inherited through
+  XLA_FLAGS); xla_default_opt=True drops that flag, so XLA compiles as a user's run does."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  if xla_default_opt:
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(O0_FLAG))
+    assert O0_FLAG not in env["XLA_FLAGS"]
   return subprocess.Popen([sys.executable, "-m", "monojax.main", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _run(args, timeout=180):
-  p = _start(args)
+def _run(args, timeout=180, **kw):
+  p = _start(args, **kw)
   out, _ = p.communicate(timeout=timeout)
   return p.returncode, out
 
@@ -51,9 +59,9 @@ def _wait_for(pred, proc, timeout=120):
     time.sleep(0.05)
 
 
-def kill_9_after_checkpoint(args, wd, ckpt_step: int) -> None:
+def kill_9_after_checkpoint(args, wd, ckpt_step: int, **kw) -> None:
   """Runs the main entry slowly and SIGKILLs it one step after checkpoint `ckpt_step` is committed."""
-  p = _start(args + [f"--workdir={wd}", "--config.train.debug_step_delay_s=0.4"])
+  p = _start(args + [f"--workdir={wd}", "--config.train.debug_step_delay_s=0.4"], **kw)
   _wait_for(lambda: (wd / "checkpoints" / str(ckpt_step)).is_dir() and os.path.exists(wd / "metrics.jsonl")
             and max(_metrics(wd), default=0) >= ckpt_step + 1, p)
   p.send_signal(signal.SIGKILL)
@@ -61,19 +69,22 @@ def kill_9_after_checkpoint(args, wd, ckpt_step: int) -> None:
 
 
 def test_resume_after_kill_9_is_bit_identical(base_args, tmp_path):
+  """At XLA's default optimisation level (the other subprocess tests run at -O0 for speed): the
+  level users run, where fusion and vectorisation could reorder float work between programs."""
+  opt = dict(xla_default_opt=True)
   common = base_args + ["--config.train.steps=8", "--config.train.ckpt_every=4"]
   straight = tmp_path / "straight"
-  rc, out = _run(common + [f"--workdir={straight}"])
+  rc, out = _run(common + [f"--workdir={straight}"], **opt)
   assert rc == 0, out[-3000:]
   ref = _metrics(straight)
   assert sorted(ref) == list(range(1, 9))
   assert (straight / "checkpoints" / "8").is_dir() and list((straight / "tb").iterdir())
 
   killed = tmp_path / "killed"
-  kill_9_after_checkpoint(common, killed, 4)
+  kill_9_after_checkpoint(common, killed, 4, **opt)
   assert not (killed / "checkpoints" / "8").exists()
 
-  rc, out = _run(common + [f"--workdir={killed}"])
+  rc, out = _run(common + [f"--workdir={killed}"], **opt)
   assert rc == 0, out[-3000:]
   assert "resumed from" in out and "at step 4" in out
   got = _metrics(killed)
@@ -82,7 +93,7 @@ def test_resume_after_kill_9_is_bit_identical(base_args, tmp_path):
     assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
     assert got[s]["grad_norm"] == ref[s]["grad_norm"]
 
-  rc, out = _run(common + [f"--workdir={killed}"])  # the same command again: nothing left to do
+  rc, out = _run(common + [f"--workdir={killed}"], **opt)  # the same command again: nothing left to do
   assert rc == 0 and "at step 8" in out
 
 
