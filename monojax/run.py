@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ class Run:
   @classmethod
   def open(cls, workdir: str, step: int | None = None, *, mesh=None, log=logging.info) -> Run:
     """Opens `workdir` at checkpoint `step` (default: the newest). `mesh`: where to place the
-    parameters (default: the run's configured mesh shape over this process's devices). Errors
+    parameters (default: data-parallel over this process's devices, whatever mesh the run trained
+    on: orbax reshards on restore). Errors
     (errors.UserInputError) are one line naming the file and what was expected."""
     workdir = os.path.abspath(os.path.expanduser(str(workdir)))
     if not os.path.isdir(workdir):
@@ -64,7 +66,8 @@ class Run:
     elif cfg.model.vocab_size != padded:
       raise errors.RunFormatError(f"{workdir}: config.json says model.vocab_size {cfg.model.vocab_size}, its tokenizer "
                                   f"has {tokenizer.vocab_size} tokens (padded {padded})")
-    mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
+    if mesh is None:  # data-parallel over this process's devices: the run may have trained elsewhere
+      mesh = sharding.make_mesh(types.SimpleNamespace(shape=(-1, 1), axes=tuple(cfg.mesh.axes)))
     graphdef, abstract_params = transformer.abstract_model(cfg.model)
     params_sh = sharding.tree_shardings(abstract_params, transformer.PARAM_AXES, mesh)
     abstract = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

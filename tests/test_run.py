@@ -229,3 +229,18 @@ def test_older_run_without_records_opens_from_its_config(runs, tmp_path):
   (wd / "config.json").write_text(json.dumps(cfg))
   run = Run.open(wd)
   assert run.saes == runs["cotrain"].saes and run.cfg.model.vocab_size == runs["cotrain"].cfg.model.vocab_size
+
+
+def test_opens_on_another_mesh(runs):
+  """A run trained data-parallel on 8 devices opens sharded (2 data x 4 model) and gives the same
+  features: orbax reshards on restore."""
+  from monojax import sharding
+  from ml_collections import config_dict
+  mesh = sharding.make_mesh(config_dict.ConfigDict({"shape": (2, 4), "axes": ("data", "model")}))
+  a, b = Run.open(runs["cotrain"].workdir), Run.open(runs["cotrain"].workdir, mesh=mesh)
+  w_in = b.params["blocks"][0]["mlp"]["W_in"]
+  assert w_in.sharding.spec == jax.sharding.PartitionSpec(None, "model")  # the MLP width split 4 ways
+  tokens = _tokens(a)[:, :-1]
+  for sae in a.saes:
+    np.testing.assert_allclose(np.asarray(b.features(tokens, sae)), np.asarray(a.features(tokens, sae)),
+                               rtol=1e-5, atol=1e-6)
