@@ -21,6 +21,16 @@ import orbax.checkpoint as ocp
 FORMAT = 1  # the meta record's layout; a newer one is refused by an older monojax
 
 
+class _NoReadOnlyNotice(logging.Filter):
+  """Orbax warns on every read-only manager it makes; reading a run is not worth a warning."""
+
+  def filter(self, record):
+    return "Given directory is read only" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoReadOnlyNotice())
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, keep: int | None = None, use_async: bool = False, log=logging.info,
                read_only: bool = False):
