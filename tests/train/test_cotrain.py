@@ -4,7 +4,7 @@ import json
 import math
 import os
 
-from test_loop import _metrics, _run, base_args, kill_9_after_checkpoint  # noqa: F401 (shared fixture + helpers)
+from test_loop import _metrics, _run, kill_9_after_checkpoint
 
 SAE_ARGS = ["--config.sae.start_step=2", "--config.sae.buffer_steps=2", "--config.sae.positions_per_context=8",
             "--config.sae.batch_size=32"]

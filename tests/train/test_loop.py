@@ -8,19 +8,8 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture
-def base_args(tiny_corpus, tiny_tokenizer_path, tmp_path):
-  return ["--config=configs/quickstart.py", "--config.mode=lm", f"--config.data.path={tiny_corpus}",
-          f"--config.data.tokenizer={tiny_tokenizer_path}", f"--config.data.index_dir={tmp_path / 'idx'}",
-          "--config.model.d_model=32", "--config.model.d_mlp=64", "--config.model.n_heads=2", "--config.model.d_head=16",
-          "--config.data.seq_len=16", "--config.data.global_batch=4", "--config.preview_batches=0",
-          "--config.data.count_tokens=False", "--config.train.log_every=1", "--config.train.eval_every=0",
-          "--config.train.eval_batches=2", "--config.train.warmup_steps=2"]
 
 
 O0_FLAG = "--xla_backend_optimization_level"
