@@ -53,6 +53,10 @@ import os
 import sys
 import time
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)                    # sae_step, torch_sae_anchor, anchors_tl beside this file
+sys.path.insert(1, os.path.dirname(_HERE))   # monojax from this checkout, before any installed copy
+
 from monojax import cpu_env  # noqa: E402 (imports nothing heavy)
 from monojax.cpu_env import MALLOC_TUNABLES  # noqa: E402
 
@@ -60,9 +64,6 @@ if __name__ == "__main__":  # the allocator setting must be in place before jax 
   cpu_env.reexec_with_malloc_tunables(sys.argv)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)                    # sae_step, torch_sae_anchor, anchors_tl beside this file
-sys.path.insert(1, os.path.dirname(_HERE))   # monojax from the checkout when it is not installed
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

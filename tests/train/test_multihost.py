@@ -1,17 +1,23 @@
 """Two processes x 4 CPU devices on 127.0.0.1 (launch/local.sh) train as ONE job on a global mesh
-of 8: one checkpoint with a grain iterator file per process, metrics written once, resume at the
-saved step; and each global batch is the concatenation of the two processes' own data slices.
+of 8: one checkpoint with a grain iterator file per process, metrics written once, each global batch
+the concatenation of the two processes' own data slices; in mode "lm" (one run) and in the default
+co-training mode (a run, then a resume at the saved step with more steps).
 
-How the last point is observed without touching the production code: a train row of metrics.jsonl
-holds `loss` = ce_sum / n and `bits_per_byte` = ce_sum / ln 2 / n_bytes, so
+How the data slices are observed without touching the production code: a train row of
+metrics.jsonl holds `loss` = ce_sum / n and `bits_per_byte` = ce_sum / ln 2 / n_bytes, so
 n_bytes = loss * n / (ln 2 * bits_per_byte) is recovered exactly (an integer of a few hundred, f32
 error ~1e-4). n_bytes, the UTF-8 bytes of the batch's target tokens, is a checksum of the exact
-global batch fed at that step, which the test recomputes from `pipeline.host_batches` for each
-process (no jax needed) and compares with the alternatives a broken run would feed.
+global batch fed at that step. The test rebuilds each process's window stream without
+`pipeline.host_batches`: the job runs with data.shuffle_windows=0 (the window shuffle's own resume
+is covered in tests/data), so process p's stream is documents p, p + 2, p + 4, ... of the global
+document order (grain's `MapDataset.range(n).shuffle(seed).repeat(None)`), each tokenized and
+followed by EOS, concatenated and cut into windows of seq_len + 1, 4 windows per step. The expected
+checksums are compared with the ones a broken run would give (no host slicing in one or both
+processes, both processes on process 0's slice, iterators restarted on resume).
 
-The job runs with mode=lm. In the default co-training mode a 2-process run trains and evaluates,
-then fails at the end: loop.py calls preview.finish on process 0 only, and preview.py
-device_gets a global batch that spans process 1's devices.
+Co-training with 2 processes trains the SAE, evaluates it (loss recovered) at the end of each run
+and resumes; the end-of-run feature preview is skipped with a message (train/loop.py `_finish`:
+preview.py would device_get a global batch spanning the other process's devices).
 """
 import json
 import math
@@ -26,14 +32,24 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(REPO, "launch", "local.sh")
 PROCS, DEVICES, GLOBAL_BATCH, SEQ_LEN = 2, 4, 8, 16
+DATA_SEED = 3  # not the default 0: the job must shuffle documents with data.seed
+# Co-training sized tiny: sampling from the first step (no "lm" phase to compile), a buffer of one
+# step (8 contexts x 8 positions = 64 vectors), the SAE initialised from it after step 1, then two
+# SAE updates of 32 per step.
+SAE_ARGS = ["--config.sae.saes=64:0.004:2023", "--config.sae.start_step=0", "--config.sae.buffer_steps=1",
+            "--config.sae.positions_per_context=8", "--config.sae.batch_size=32"]
+SAE_FIRST_STEP = 2  # the first metrics row with SAE metrics: start_step + buffer_steps + 1
+PREVIEW_SKIPPED = "sae: the feature preview runs in single-process jobs only"
 
 
-def _args(tiny_corpus, tiny_tokenizer_path, tmp_path, wd, steps):
-  return ["--config=configs/quickstart.py", "--config.mode=lm", f"--workdir={wd}",
+def _args(mode, tiny_corpus, tiny_tokenizer_path, tmp_path, wd, steps):
+  mode_args = ["--config.mode=lm"] if mode == "lm" else SAE_ARGS  # quickstart's default mode co-trains
+  return ["--config=configs/quickstart.py", *mode_args, f"--workdir={wd}",
           f"--config.data.path={tiny_corpus}", f"--config.data.tokenizer={tiny_tokenizer_path}",
           f"--config.data.index_dir={tmp_path / 'idx'}", "--config.model.d_model=32", "--config.model.d_mlp=64",
           "--config.model.n_heads=2", "--config.model.d_head=16",
           f"--config.data.seq_len={SEQ_LEN}", f"--config.data.global_batch={GLOBAL_BATCH}",
+          f"--config.data.seed={DATA_SEED}", "--config.data.shuffle_windows=0",
           f"--config.train.steps={steps}", "--config.train.ckpt_every=2", "--config.train.eval_every=0",
           "--config.train.eval_batches=1", "--config.train.log_every=1", "--config.preview_batches=0",
           "--config.data.count_tokens=False", "--config.mesh.shape=(4,2)",
@@ -57,9 +73,12 @@ def _launch(args, timeout=240):
   return p.returncode, out
 
 
+def _rows(wd):
+  return [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+
+
 def _train_rows(wd):
-  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
-  return [r for r in rows if "loss" in r]
+  return [r for r in _rows(wd) if "loss" in r]
 
 
 def _batch_bytes(row):
@@ -73,81 +92,130 @@ def _lines(out, pid):
 
 @pytest.fixture(scope="module")
 def expected_bytes(tiny_corpus, tiny_tokenizer_path, tmp_path_factory):
-  """Target bytes of the first 6 global batches as the job must build them, and as broken jobs would."""
+  """Target bytes of the first 6 global batches as the job must build them, and as broken jobs
+  would; rebuilt from the document order, not with pipeline.host_batches."""
+  import grain
   from monojax.config import base_config
   from monojax.data import pipeline, tokenizer as tokenizer_lib
   cfg = base_config().data
-  cfg.path, cfg.tokenizer = tiny_corpus, tiny_tokenizer_path
-  cfg.seq_len, cfg.global_batch = SEQ_LEN, GLOBAL_BATCH
-  cfg.index_dir = str(tmp_path_factory.mktemp("idx"))
-  tok = pipeline.get_tokenizer(cfg, tiny_corpus)
+  cfg.path, cfg.tokenizer, cfg.index_dir = tiny_corpus, tiny_tokenizer_path, str(tmp_path_factory.mktemp("idx"))
+  tok = tokenizer_lib.TextTokenizer(tiny_tokenizer_path, max_chunk_chars=cfg.max_chunk_chars)
   nbytes = tok.token_byte_lengths(tokenizer_lib.padded_vocab_size(tok.vocab_size))
+  src = pipeline.text_source(cfg, tiny_corpus, "train")
+  order = grain.MapDataset.range(len(src)).shuffle(seed=DATA_SEED).repeat(None)  # global document order
 
-  def batches(pid, count, n=6):
-    it = iter(pipeline.host_batches(cfg, "train", tokenizer=tok, root=tiny_corpus, host_batch=GLOBAL_BATCH // count,
-                                    seed=cfg.seed, process_index=pid, process_count=count))
-    return [next(it)["tokens"] for _ in range(n)]
+  def windows(pid, count, n):
+    """The first n windows of the stream of documents pid, pid + count, ... of `order`."""
+    ids, total, j = [], 0, pid
+    while total < n * (SEQ_LEN + 1):
+      ids.append(tok.encode_documents([src[order[j]]]))  # one document + EOS
+      total, j = total + ids[-1].size, j + count
+    return np.concatenate(ids)[:n * (SEQ_LEN + 1)].reshape(n, SEQ_LEN + 1)
 
-  def target_bytes(tokens):
-    return int(nbytes[tokens[:, 1:]].sum())
+  def step_bytes(parts, steps=6):  # parts: each process's windows; a step takes the next host batch of each
+    hb = GLOBAL_BATCH // len(parts)
+    return [int(sum(nbytes[w[k * hb:(k + 1) * hb, 1:]].sum() for w in parts)) for k in range(steps)]
 
-  host = [batches(pid, PROCS) for pid in range(PROCS)]
-  right = [target_bytes(np.concatenate(parts)) for parts in zip(*host)]
+  host = GLOBAL_BATCH // PROCS
+  mine = [windows(pid, PROCS, 6 * host) for pid in range(PROCS)]
+  right = step_bytes(mine)
+  everything = windows(0, 1, 6 * host)
   return {
       "right": right,
-      "one_process": [target_bytes(b) for b in batches(0, 1)],                      # no host slicing
-      "same_slice": [target_bytes(np.concatenate([b, b])) for b in host[0]],         # both feed process 0's slice
-      "restarted": right[:4] + right[:2],                                            # iterator not restored
+      "unsliced": step_bytes([everything, everything]),   # each process reads every document
+      "p1_unsliced": step_bytes([mine[0], everything]),   # one process (here 1) reads every document
+      "same_slice": step_bytes([mine[0], mine[0]]),       # both feed process 0's slice
+      "restarted": right[:4] + right[:2],                 # iterators not restored on resume
   }
 
 
-@pytest.mark.timeout(600)
-def test_two_processes_form_one_job_and_resume(tiny_corpus, tiny_tokenizer_path, tmp_path, expected_bytes):
-  wd = tmp_path / "run"
-  rc, out = _launch(_args(tiny_corpus, tiny_tokenizer_path, tmp_path, wd, steps=4))
-  assert rc == 0, out[-4000:]
-
+def _check_one_job(out, steps):
   # One job: each process sees its 4 local devices inside 8 global ones.
   for pid in range(PROCS):
     log = "\n".join(_lines(out, pid))
     assert (f"distributed: process {pid} of {PROCS}, {DEVICES} local / {PROCS * DEVICES} global devices"
             in log), log[-3000:]
     assert f"{PROCS} process(es), {PROCS * DEVICES} cpu device(s)" in log
-  assert not any("step " in line and "/4 |" in line for line in _lines(out, 1))  # only process 0 prints metrics
+  assert not any("step " in line and f"/{steps} |" in line for line in _lines(out, 1))  # only process 0 prints metrics
+  assert any("step " in line and f"/{steps} |" in line for line in _lines(out, 0))
 
+
+def _check_checkpoints(ckpt, steps):
   # One checkpoint directory (not one per process), an iterator state per process in each step.
-  ckpt = wd / "checkpoints"
-  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]
-  for step in (2, 4):
+  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == steps
+  for step in steps:
     data = sorted(f for f in os.listdir(ckpt / str(step) / "data") if f.endswith(".json"))
     assert data == [f"process_{i}-of-{PROCS}.json" for i in range(PROCS)], data
     assert (ckpt / str(step) / "state").is_dir()
 
-  # metrics.jsonl written once: each step exactly once (two writers would duplicate rows).
-  rows = _train_rows(wd)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
+def _check_batches(rows, exp, n):
   # Each step's global batch is process 0's slice + process 1's slice, both from their own iterators.
   seen = [_batch_bytes(r) for r in rows]
-  exp = expected_bytes
-  for wrong in ("one_process", "same_slice"):
-    assert exp[wrong][:4] != exp["right"][:4], f"{wrong}: the check cannot tell it apart on this corpus"
-  np.testing.assert_allclose(seen, exp["right"][:4], atol=0.05,
-                             err_msg=f"bytes per batch {seen}; one process would give {exp['one_process'][:4]}, "
-                                     f"both processes on process 0's slice {exp['same_slice'][:4]}")
+  for wrong in ("unsliced", "p1_unsliced", "same_slice") + (("restarted",) if n > 4 else ()):
+    assert any(abs(a - b) > 1 for a, b in zip(exp[wrong][:n], exp["right"][:n])), (
+        f"{wrong}: the check cannot tell it apart on this corpus")
+  np.testing.assert_allclose(seen, exp["right"][:n], atol=0.05,
+                             err_msg=f"bytes per batch {seen}; no host slicing would give {exp['unsliced'][:n]}, "
+                                     f"process 1 not slicing {exp['p1_unsliced'][:n]}, both processes on process "
+                                     f"0's slice {exp['same_slice'][:n]}, restarted iterators {exp['restarted'][:n]}")
 
-  # Resume with more steps: both processes restore the step-4 checkpoint and their own iterators.
-  rc, out = _launch(_args(tiny_corpus, tiny_tokenizer_path, tmp_path, wd, steps=6))
+
+def _run(mode, tiny_corpus, tiny_tokenizer_path, tmp_path, exp, steps, launches):
+  """Runs (or resumes) the job in tmp_path/run up to `steps`, the `launches`-th launch in this
+  workdir; checks what every run must hold."""
+  wd = tmp_path / "run"
+  rc, out = _launch(_args(mode, tiny_corpus, tiny_tokenizer_path, tmp_path, wd, steps))
   assert rc == 0, out[-4000:]
-  for pid in range(PROCS):
-    assert any(f"resumed from {ckpt} at step 4" in line for line in _lines(out, pid)), out[-3000:]
+  _check_one_job(out, steps)
+  _check_checkpoints(wd / "checkpoints", list(range(2, steps + 1, 2)))
   rows = _train_rows(wd)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4, 6]
-  seen = [_batch_bytes(r) for r in rows]
-  assert exp["restarted"] != exp["right"]
-  np.testing.assert_allclose(seen, exp["right"], atol=0.05,
-                             err_msg=f"bytes per batch {seen}; restarted iterators would give {exp['restarted']}")
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))  # each step once
+  # Metrics written by process 0 only: one TensorBoard event file per launch. A writer in each
+  # process need not show in metrics.jsonl (each writer's start rewrites the file by an atomic
+  # replace, so the other's rows go to the replaced file); it leaves a second event file unless both
+  # writers start within the same second (the file name is the start time and host).
+  assert len([f for f in os.listdir(wd / "tb") if "tfevents" in f]) == launches, os.listdir(wd / "tb")
+  _check_batches(rows, exp, steps)
+  return out, wd
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_form_one_lm_job(tiny_corpus, tiny_tokenizer_path, tmp_path, expected_bytes):
+  # One run; resuming is checked in the co-trained job below (the same checkpoint and data code).
+  _, wd = _run("lm", tiny_corpus, tiny_tokenizer_path, tmp_path, expected_bytes, steps=4, launches=1)
+  rows = _rows(wd)
+  assert not any(k.startswith("sae") for r in rows for k in r)
+  assert [r["step"] for r in rows if "eval/loss" in r] == [4]
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_cotrain_evaluate_and_resume(tiny_corpus, tiny_tokenizer_path, tmp_path, expected_bytes):
+  out1, wd = _run("cotrain", tiny_corpus, tiny_tokenizer_path, tmp_path, expected_bytes, steps=4, launches=1)
+  # Resume with more steps: both processes restore the step-4 checkpoint (LM, SAE, buffer) and their
+  # own iterators (_check_batches: restarted iterators would feed steps 1-2's batches again).
+  out2, _ = _run("cotrain", tiny_corpus, tiny_tokenizer_path, tmp_path, expected_bytes, steps=6, launches=2)
+  for pid in range(PROCS):
+    assert any(f"resumed from {wd / 'checkpoints'} at step 4" in line for line in _lines(out2, pid)), out2[-3000:]
+
+  rows = _rows(wd)
+  # SAE metrics from the first step after the SAE's init, once per step, finite.
+  sae_rows = [r for r in rows if "sae0/mse" in r]
+  assert [r["step"] for r in sae_rows] == list(range(SAE_FIRST_STEP, 7)), [r["step"] for r in sae_rows]
+  for r in sae_rows:
+    assert all(math.isfinite(r[f"sae0/{k}"]) for k in ("mse", "fvu", "l0")), r
+    assert r["sae0/mse"] > 0, r
+  # The SAE is evaluated at the end of each run (step 4, then 6 after the resume), one row each.
+  evals = [r for r in rows if "sae0_eval/loss_recovered" in r]
+  assert [r["step"] for r in evals] == [4, 6], [r["step"] for r in evals]
+  for r in evals:
+    assert math.isfinite(r["sae0_eval/loss_recovered"]) and math.isfinite(r["eval/loss"]), r
+  for out in (out1, out2):
+    assert "loss recovered" in "\n".join(_lines(out, 0)), out[-3000:]
+    # The preview is skipped with its message in every process (each would need the global batch).
+    for pid in range(PROCS):
+      assert any(PREVIEW_SKIPPED in line for line in _lines(out, pid)), out[-3000:]
+  assert not (wd / "preview.md").exists()
 
 
 _FAKE_MAIN = '''#!{python}
