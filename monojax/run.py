@@ -58,32 +58,34 @@ class Run:
       raise errors.MissingInputError(f"workdir: {workdir} is not a directory")
     cfg = config_lib.load_resolved(os.path.join(workdir, "config.json"))
     ckpt = _open_checkpoints(workdir)
-    step = _pick_step(ckpt, step)
-    tokenizer = _run_tokenizer(workdir, cfg, log)
-    padded = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
-    if cfg.model.vocab_size is None:  # runs from before config.json held the resolved vocab
-      cfg.model.vocab_size = padded
-    elif cfg.model.vocab_size != padded:
-      raise errors.RunFormatError(f"{workdir}: config.json says model.vocab_size {cfg.model.vocab_size}, its tokenizer "
-                                  f"has {tokenizer.vocab_size} tokens (padded {padded})")
-    if mesh is None:  # data-parallel over this process's devices: the run may have trained elsewhere
-      mesh = sharding.make_mesh(types.SimpleNamespace(shape=(-1, 1), axes=tuple(cfg.mesh.axes)))
-    graphdef, abstract_params = transformer.abstract_model(cfg.model)
-    params_sh = sharding.tree_shardings(abstract_params, transformer.PARAM_AXES, mesh)
-    abstract = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                       abstract_params, params_sh)}
-    saved = _saved_structure(ckpt, step)
-    saes = _catalogue(ckpt, step, cfg, saved)
-    if saes:
-      abstract["sae"] = _abstract_sae(saved["sae"], saes, mesh)
-    _check_shapes(ckpt, step, abstract, saved)
     try:
-      restored = ckpt.restore_parts(step, abstract)
-    except Exception as e:  # noqa: BLE001 — orbax raises many types for unreadable files
-      raise errors.RunFormatError(
-          f"{ckpt.directory}/{step}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-          + _older_hint(ckpt, step)) from None
-    ckpt.close()
+      step = _pick_step(ckpt, step)
+      tokenizer = _run_tokenizer(workdir, cfg, log)
+      padded = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
+      if cfg.model.vocab_size is None:  # runs from before config.json held the resolved vocab
+        cfg.model.vocab_size = padded
+      elif cfg.model.vocab_size != padded:
+        raise errors.RunFormatError(f"{workdir}: config.json says model.vocab_size {cfg.model.vocab_size}, its "
+                                    f"tokenizer has {tokenizer.vocab_size} tokens (padded {padded})")
+      if mesh is None:  # data-parallel over this process's devices: the run may have trained elsewhere
+        mesh = sharding.make_mesh(types.SimpleNamespace(shape=(-1, 1), axes=tuple(cfg.mesh.axes)))
+      graphdef, abstract_params = transformer.abstract_model(cfg.model)
+      params_sh = sharding.tree_shardings(abstract_params, transformer.PARAM_AXES, mesh)
+      abstract = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                         abstract_params, params_sh)}
+      saved = _saved_structure(ckpt, step)
+      saes = _catalogue(ckpt, step, cfg, saved)
+      if saes:
+        abstract["sae"] = _abstract_sae(saved["sae"], saes, mesh)
+      _check_shapes(ckpt, step, abstract, saved)
+      try:
+        restored = ckpt.restore_parts(step, abstract)
+      except Exception as e:  # noqa: BLE001 — orbax raises many types for unreadable files
+        raise errors.RunFormatError(
+            f"{ckpt.directory}/{step}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            + _older_hint(ckpt, step)) from None
+    finally:
+      ckpt.close()
     cfg.lock()
     return cls(workdir=workdir, cfg=cfg, step=step, tokenizer=tokenizer, graphdef=graphdef,
                params=restored["params"], sae_state=restored.get("sae"), saes=saes, mesh=mesh)
