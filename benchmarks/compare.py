@@ -263,6 +263,7 @@ def sae_cfg(width: int, batch: int, args, sparse_update=None):
   from monojax.sae.config import sae_config
   c = sae_config()
   c.saes = f"{width}:{args.l1}:2023"
+  c.normalize_inputs = False  # raw activations on both sides, as SAELens' standard SAE trains
   c.batch_size = batch
   c.lr = args.sae_lr
   if sparse_update is not None:
@@ -355,6 +356,7 @@ def lm_activations(workdir: str, n_rows: int, seed: int = 1):
 def part_sae(args, sh, anchors_ok: bool) -> None:
   import jax
   import jax.numpy as jnp
+  import numpy as np
   import sae_step
   from monojax.sae import catalogue, core
   d, B = sh["d_in"], sh["sae_batch"]
@@ -375,6 +377,12 @@ def part_sae(args, sh, anchors_ok: bool) -> None:
     src = f"synthetic heavy-tailed activations (benchmarks/sae_step.py synthetic_acts, scale {args.act_scale:g})"
   log(f"part 1: {n_train:,} + {n_timed:,} activation rows x {d} from {src} in {time.perf_counter() - t0:.1f}s "
       f"(mean row norm {float((pool ** 2).sum(1).mean() ** 0.5):.2f}, {100 * float((pool > 0).mean()):.0f}% non-zero)")
+  if args.lm_workdir:
+    # --l1 is meant for normalised inputs (E‖c·x‖ = √d, sae.normalize_inputs): on this LM's raw
+    # activations the same sparsity pressure is λ / c, used by monojax and the anchor alike.
+    c = float(np.sqrt(d) / np.linalg.norm(pool, axis=1).mean())
+    args.l1 = args.l1 / c
+    log(f"part 1: λ {args.l1 * c:g} on normalised inputs = {args.l1:.3g} on this LM's activations (c = {c:.2f})")
   train_xs = [jnp.asarray(pool[i:i + train_batch]) for i in range(0, n_train, train_batch)]
   key = jax.random.key(0)
   anchor_desc = ""

@@ -70,7 +70,7 @@ def make_state(cfg, width, d, calib):
   state = core.init_state(cfg, d, jax.random.key(width), calib, T)
   (group,) = state["groups"].values()
   p = jax.tree.map(lambda a: np.asarray(a[0]), group["params"])
-  scale = float(state["input_scale"]) if recipes.get(cfg.saes.split(":")[2]).scales_input else 1.0
+  scale = float(state["input_scale"]) if recipes.get(cfg.saes.split(":")[2]).scales(cfg) else 1.0
   pre = np.sort((calib * scale - p["b_d"]) @ p["W_e"], axis=0)  # b_d is 0 for 2024
   density = (np.random.default_rng(width).permutation(width) + 10.0) ** -1.0
   density = np.minimum(density * _L0.value / density.sum(), 0.5)
@@ -135,13 +135,13 @@ def main(_):
     # Where the sparse step's time goes: the encoder GEMM alone, and the sparse loss + gradients.
     sae = catalogue.build(cfg, d)[0]
     params = core.member_params(box["state"], sae)
-    x0 = xs[0] * (box["state"]["input_scale"] if rec.scales_input else 1.0)
+    x0 = xs[0] * (box["state"]["input_scale"] if rec.scales(cfg) else 1.0)
     enc = jax.jit(lambda p, x: (x - p["b_d"]) @ p["W_e"] + p["b_e"])
     vg = jax.jit(functools.partial(loss_and_grads, rec, cfg))
     parts = [functools.partial(run_once, enc, params, x0), functools.partial(run_once, vg, params, x0)]
     dense_s, sparse_s, enc_s, vg_s = time_round_robin(steps + parts, _STEPS.value, _WARMUP.value)
     l0 = np.concatenate([np.asarray(jax.jit(lambda p, x: (rec.forward(p, x)[1] > 0).sum(-1))(
-        core.member_params(box["state"], sae), x * (box["state"]["input_scale"] if rec.scales_input else 1.0)))
+        core.member_params(box["state"], sae), x * (box["state"]["input_scale"] if rec.scales(cfg) else 1.0)))
         for x in xs])  # the timed state on the timed batches
     print(f"{width:>6} {l0.mean():>8.1f} {np.percentile(l0, 99):>6.0f} {l0.max():>6d} {batch / dense_s:>12,.0f} "
           f"{batch / sparse_s:>13,.0f} {dense_s / sparse_s:>6.2f} {1e3 * dense_s:>9.1f} {1e3 * sparse_s:>9.1f} "

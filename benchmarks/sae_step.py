@@ -173,6 +173,7 @@ def sae_config_for(width: int, batch: int):
   from monojax.sae.config import sae_config
   cfg = sae_config()
   cfg.saes = f"{width}:{_L1.value}:2023"
+  cfg.normalize_inputs = False  # raw activations, as the torch anchors train
   cfg.batch_size = batch
   cfg.lr = _SAE_LR.value
   return cfg

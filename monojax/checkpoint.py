@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+
+import contextlib
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from monojax import errors
 
 FORMAT = 1  # the meta record's layout; a newer one is refused by an older monojax
 
@@ -29,6 +34,44 @@ class _NoReadOnlyNotice(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_NoReadOnlyNotice())
+
+
+def drop_closed_loop_callbacks() -> None:
+  """After a failed read, orbax's pending tensorstore callbacks call into the event loop it has
+  already closed; Python prints each as an 'Exception ignored' traceback. That is noise about a
+  failure already reported in one line: drop exactly those, pass everything else on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_monojax", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+  hook._monojax = True
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax's own error logs off while a step is tried (its failure is reported as one line)."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def flat_shapes(tree) -> dict[str, tuple]:
+  """{"params/blocks/0/mlp/W_in": shape} for every leaf (NNX's "value" wrappers dropped, so a saved
+  tree and a module's state name their leaves alike)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    out["/".join(n for n in names if n != "value")] = tuple(leaf.shape)
+  return out
 
 
 class Checkpointer:
@@ -59,22 +102,45 @@ class Checkpointer:
   def restore_latest(self, state_template, data_iter):
     """Restores the newest restorable step into the template's shapes and shardings (which may be
     a different mesh than the one saved) and moves `data_iter` to the saved position. Returns
-    (step, state), or None when there is no checkpoint."""
+    (step, state), or None when there is no checkpoint. A step whose files cannot be read (corrupt,
+    partial) is moved aside with one line and the one before is tried; a readable step holding a
+    state of another shape is refused (errors.RunFormatError: nothing is moved)."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_template)
     steps = self.steps()
     for i, step in enumerate(reversed(steps)):
+      older = steps[-i - 2] if i + 1 < len(steps) else None
       try:
-        out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                              data=grain.checkpoint.CheckpointRestore(data_iter)))
+        with _quiet_orbax():  # orbax logs a long dump for every unreadable file: we say it in one line
+          self._check_structure(step, abstract)
+          out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                data=grain.checkpoint.CheckpointRestore(data_iter)))
+      except errors.RunFormatError:
+        raise
       except Exception as e:  # noqa: BLE001 — any failure to read a step means: try the one before
-        older = steps[-i - 2] if i + 1 < len(steps) else None
+        drop_closed_loop_callbacks()
         aside = self._move_aside(step)
-        self.log(f"checkpoint: step {step} in {self.directory} cannot be restored ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:200]}); moved to {aside}; "
+        self.log(f"checkpoint: step {step} in {self.directory} cannot be read ({type(e).__name__}: "
+                 f"{' '.join(str(e).split())[:160]}); moved to {aside}; "
                  + (f"falling back to step {older}" if older is not None else "no older checkpoint: starting from scratch"))
         continue
       return step, out["state"]
     return None
+
+  def _check_structure(self, step: int, abstract) -> None:
+    """Raises RunFormatError if the saved state's leaves differ in name or shape from `abstract`."""
+    reader = Checkpointer(self.directory, read_only=True)
+    try:
+      saved = flat_shapes(reader.saved_structure(step))
+    finally:
+      reader.close()
+    want = flat_shapes(abstract)
+    for name in sorted(set(saved) | set(want)):
+      if saved.get(name) != want.get(name):
+        got = "absent" if name not in saved else f"saved as {saved[name]}"
+        need = "not made by this config" if name not in want else f"this config makes {want[name]}"
+        raise errors.RunFormatError(
+            f"checkpoint step {step} in {self.directory} holds another state ({name}: {got}, {need}); nothing was "
+            "moved: run with the config it was trained with, or use another --workdir")
 
   def _move_aside(self, step: int) -> str:
     """Keeps an unrestorable step for inspection (nothing written is deleted) but out of the way

@@ -25,6 +25,7 @@ def base_config() -> config_dict.ConfigDict:
   d.seed = 0                       # data order; independent of `seed` so A/B runs can share the data order
   d.shuffle_windows = 4096         # raw format: packed windows shuffled in blocks of this many (0 = off)
   d.on_error = "raise"             # bad records: "raise" (error naming file:line) or "skip" (counted, logged)
+  d.max_line_bytes = 64 << 20      # a record (line) longer than this is a bad record (see on_error); bounds reader memory
   d.num_threads = 2                # grain read threads
   d.prefetch = 4                   # grain read-ahead (elements: raw = groups of tokenize_batch_docs documents)
   d.workers = 0                    # grain mp_prefetch worker processes (0 = in process)
@@ -98,6 +99,19 @@ def base_config() -> config_dict.ConfigDict:
 
 CONFIG_VERSION = 2  # config.json layout; runs written before the field existed read as version 1
 _READS_VERSIONS = (1, 2)
+# Fields added after runs were written with this layout: what an older config.json means by their
+# absence (the behaviour of the monojax that wrote it).
+ADDED_FIELDS = {"sae.normalize_inputs": False, "sae.min_ablation_gap": 0.01, "sae.alarm_dead_frac": 0.9,
+                "data.max_line_bytes": 64 << 20}
+# What a resumed run may change: cadence, logging, performance switches and the machine it runs on.
+# Every other field changes the state or the data stream: a resume with it changed is refused.
+RESUMABLE = ("name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+             "train.keep_checkpoints", "train.async_checkpoints", "train.debug_step_delay_s", "train.inject_nan_step",
+             "train.peak_flops", "train.ce_kernel", "sae.sparse_update", "preview_batches", "data.count_tokens",
+             "data.count_tokens_mb_per_file", "data.num_threads", "data.prefetch", "data.workers",
+             "data.device_prefetch", "data.index_dir", "data.tfds_dir", "distributed.", "mesh.",
+             "sae.min_ablation_gap", "sae.alarm_dead_frac")
+_DERIVED = ("config_version", "model.vocab_size")  # written by the job itself
 
 
 def write_resolved(cfg, workdir: str) -> str:
@@ -151,6 +165,9 @@ def _merge(base, saved: dict, path: str, prefix: str) -> config_dict.ConfigDict:
     if key not in saved:
       if key == "config_version":
         continue
+      if name in ADDED_FIELDS:
+        out[key] = ADDED_FIELDS[name]
+        continue
       raise errors.RunFormatError(f"{path}: field {name} is missing (written by an older monojax?)")
     want, got = base[key], saved[key]
     if isinstance(want, config_dict.ConfigDict):
@@ -180,3 +197,28 @@ def _coerce(want, got):
   if isinstance(want, tuple):
     return tuple(got) if isinstance(got, (list, tuple)) else _BAD
   return got if isinstance(got, type(want)) else _BAD
+
+
+def flat(cfg, prefix: str = "") -> dict:
+  """{"train.steps": 1000, ...}: every leaf of a config (tuples as lists, as JSON has them)."""
+  out = {}
+  for key in cfg:
+    value = cfg[key]
+    if isinstance(value, config_dict.ConfigDict):
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def resume_changes(saved, new) -> tuple[dict, dict]:
+  """(refused, allowed): {field: (saved value, new value)} of the fields that differ between a
+  workdir's config and the one a resume would run with, split by RESUMABLE."""
+  a, b = flat(saved), flat(new)
+  refused, allowed = {}, {}
+  for field in sorted(set(a) | set(b)):
+    if field in _DERIVED or a.get(field) == b.get(field):
+      continue
+    ok = any(field == r or (r.endswith(".") and field.startswith(r)) for r in RESUMABLE)
+    (allowed if ok else refused)[field] = (a.get(field), b.get(field))
+  return refused, allowed

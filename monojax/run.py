@@ -40,9 +40,10 @@ class Run:
   checkpoint opened), tokenizer, graphdef, params, sae_state (None for an LM-only run), saes (the
   catalogue: tuple of sae.catalogue.SAE, in sae.saes order), mesh."""
 
-  def __init__(self, *, workdir, cfg, step, tokenizer, graphdef, params, sae_state, saes, mesh):
+  def __init__(self, *, workdir, cfg, step, tokenizer, graphdef, params, sae_state, saes, mesh, meta=None):
     self.workdir, self.cfg, self.step, self.tokenizer = workdir, cfg, step, tokenizer
     self.graphdef, self.params, self.sae_state, self.saes, self.mesh = graphdef, params, sae_state, saes, mesh
+    self.meta = meta or {}  # the checkpoint's record (mode, SAEs, a frozen run's lm_source); {} for older runs
     self._jitted: dict = {}  # compiled functions of this run, by (what, argument)
 
   # ------------------------------------------------------------------------------------- opening
@@ -74,6 +75,7 @@ class Run:
       abstract = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                          abstract_params, params_sh)}
       saved = _saved_structure(ckpt, step)
+      meta = ckpt.read_meta(step) or {}
       saes = _catalogue(ckpt, step, cfg, saved)
       if saes:
         abstract["sae"] = _abstract_sae(saved["sae"], saes, mesh)
@@ -81,6 +83,7 @@ class Run:
       try:
         restored = ckpt.restore_parts(step, abstract)
       except Exception as e:  # noqa: BLE001 — orbax raises many types for unreadable files
+        checkpoint.drop_closed_loop_callbacks()
         raise errors.RunFormatError(
             f"{ckpt.directory}/{step}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             + _older_hint(ckpt, step)) from None
@@ -88,7 +91,7 @@ class Run:
       ckpt.close()
     cfg.lock()
     return cls(workdir=workdir, cfg=cfg, step=step, tokenizer=tokenizer, graphdef=graphdef,
-               params=restored["params"], sae_state=restored.get("sae"), saes=saes, mesh=mesh)
+               params=restored["params"], sae_state=restored.get("sae"), saes=saes, mesh=mesh, meta=meta)
 
   # ---------------------------------------------------------------------------------- the SAEs
 
@@ -103,10 +106,10 @@ class Run:
     raise errors.UserInputError(f"{self.workdir}: no SAE {which!r}; this run has {have}")
 
   def input_scale(self, sae) -> float:
-    """The constant `sae` multiplies its inputs by: the 2024 and topk recipes' c with E‖c·x‖ = √n
-    on the init sample, 1.0 for recipes that see raw activations."""
+    """The constant `sae` multiplies its inputs by: c with E‖c·x‖ = √n on the init sample (2024,
+    topk, and 2023 with sae.normalize_inputs), 1.0 for an SAE on raw activations."""
     sae = self.sae(sae)
-    return float(self.sae_state["input_scale"]) if sae.rules.scales_input else 1.0
+    return float(self.sae_state["input_scale"]) if sae.scaled else 1.0
 
   # ------------------------------------------------------------------------- jitted functions
 
@@ -280,20 +283,10 @@ def _abstract_sae(saved_sae: dict, saes, mesh) -> dict:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _flat_shapes(tree) -> dict[str, tuple]:
-  """{"params/blocks/0/mlp/W_in": shape} for every leaf (NNX's "value" wrappers dropped, so the
-  saved tree and the module's state name leaves alike)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    out["/".join(n for n in names if n != "value")] = tuple(leaf.shape)
-  return out
-
-
 def _check_shapes(ckpt, step: int, abstract: dict, saved: dict) -> None:
   """The model the config describes must be the one saved (a clear line, not an orbax trace)."""
-  want = _flat_shapes(abstract)
-  got = _flat_shapes({k: saved[k] for k in abstract if k in saved})
+  want = checkpoint.flat_shapes(abstract)
+  got = checkpoint.flat_shapes({k: saved[k] for k in abstract if k in saved})
   for name, shape in want.items():
     if name not in got:
       raise errors.RunFormatError(f"{ckpt.directory}/{step}: the saved state has no {name} (config.json and the "

@@ -11,12 +11,12 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lowest first. A module may import its own unit and any unit of a LOWER layer; units on the same
 # layer do not import each other. (docs/architecture.md draws the same picture.)
 LAYERS = [
-    ("errors", "files", "cpu_env", "assets"),
+    ("errors", "files", "cpu_env", "assets", "text"),
     ("sharding", "distributed", "kernels"),
     ("data",),
     ("corpus", "models"),
     ("sae",),
-    ("config",),
+    ("config", "config_rules"),
     ("checkpoint",),
     ("run",),
     ("train",),

@@ -24,7 +24,7 @@ def test_main_reports_data_trains_and_writes_the_workdir(tiny_corpus, tmp_path):
             "--config.preview_batches=3", "--config.train.steps=4", "--config.train.log_every=2",
             "--config.train.eval_every=2", "--config.train.eval_batches=1", "--config.sae.saes=128:0.004:2023",
             "--config.sae.start_step=1", "--config.sae.buffer_steps=1", "--config.sae.positions_per_context=8",
-            "--config.sae.batch_size=32", f"--workdir={wd}"], tmp_path)
+            "--config.sae.batch_size=32", "--config.sae.min_ablation_gap=0", f"--workdir={wd}"], tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stderr
   assert "Docs: Python" in out and "total" in out          # tokens per set
@@ -47,7 +47,9 @@ def test_main_reports_data_trains_and_writes_the_workdir(tiny_corpus, tmp_path):
   # parts it is computed from (a NaN, a sign error or a swapped term fails here).
   train = [r for r in rows if "loss" in r]
   assert all(math.isfinite(r["loss"]) and 0 < r["loss"] < 10 and 0 <= r["accuracy"] <= 1 for r in train)
-  assert all(r["bits_per_byte"] > 0 and r["tokens_per_s"] > 0 for r in train)
+  assert all(r["bits_per_byte"] > 0 for r in train)
+  # speed only over completed steps: NaN right after a compile (shown "-"), else positive
+  assert all(not r["tokens_per_s"] <= 0 for r in train) and any(r["tokens_per_s"] > 0 for r in train)
   ev = [r for r in rows if "sae0_eval/loss_recovered" in r][-1]  # the final evaluation (step 4)
   assert math.isfinite(ev["eval/loss"]) and ev["eval/loss"] > 0 and 0 <= ev["eval/accuracy"] <= 1
   assert 0 < ev["eval/unigram_entropy"] <= math.log(400)

@@ -145,6 +145,7 @@ def test_frozen_run_uses_the_lm_run(runs):
   _same_leaves(frozen.params, lm.params)  # the LM is frozen: its parameters are the LM run's
   assert lm.saes == () and lm.sae_state is None
   assert _snapshot(runs["base"] / "lm") == runs["lm_files"]  # the LM run was only read
+  assert frozen.meta["lm_source"] == {"workdir": lm.workdir, "step": lm.step}  # which LM, which step
 
 
 def test_tokenizer_is_the_runs_copy_not_retrained(runs, tmp_path):
@@ -169,9 +170,6 @@ def _open_error(wd, step=None) -> str:
   return msg
 
 
-# orbax's failed read of the truncated files ends with a callback into its closed event loop
-# (printed by Python as an unraisable exception); the failure itself is what the test checks.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unopenable_workdirs_give_one_clear_line(runs, tmp_path):
   good = runs["cotrain"].workdir
   with pytest.raises(errors.MissingInputError, match="not a directory"):

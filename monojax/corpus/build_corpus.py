@@ -10,6 +10,9 @@ Layout of DIR:
 
 A build goes into DIR.tmp-<pid> and is renamed to DIR at the end, so DIR either holds a complete
 corpus or does not exist. `ensure_corpus` returns at once when DIR already holds a complete one.
+A build deletes an existing DIR only when it holds a manifest this builder wrote (`written_by_monojax`:
+"builder": "monojax.corpus" and the format's keys) or is empty; any other DIR is left untouched and
+the build stops with a line naming it.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import shutil
 import time
 from typing import Callable, Iterable, Sequence
 
-from monojax import files
+from monojax import errors, files
 from monojax.corpus import corpus_sources as cs
 from monojax.data import pile_io
 from monojax.corpus import text_clean as tc
@@ -33,6 +36,11 @@ from monojax.corpus import text_clean as tc
 DEFAULT_CACHE = "~/.cache/monojax/sources"
 MANIFEST = "manifest.json"
 FORMAT = "monojax-corpus/1"
+BUILDER = "monojax.corpus"  # the manifest's "builder": this code wrote the folder (and may delete it)
+# Top-level keys of every manifest of FORMAT; with FORMAT they identify one written before "builder".
+MANIFEST_KEYS = ("format", "complete", "tier", "created", "build_seconds", "timings", "cache_dir", "max_doc_chars",
+                 "min_doc_chars", "val_percent", "totals", "mixture", "sets", "sources", "packages", "skipped",
+                 "dropped")
 VAL_PERCENT = 1
 ZSTD_LEVEL = 6  # far faster to write than 10, slightly larger shards (BUILD_NOTES.md, "Default corpus")
 SHARD_TEXT_BYTES = 48_000_000  # a set with more (repeats included) gets several train shards
@@ -43,6 +51,10 @@ TARGET_SHARES = {"books": 0.20, "wikipedia": 0.04, "technical": 0.35, "code": 0.
 UPSAMPLED_GROUPS = ("books", "wikipedia")  # small high-quality groups get epochs, like the Pile
 
 Log = Callable[[str], None]
+
+
+class NotOurFolderError(errors.UserInputError, RuntimeError):
+  """--out exists and is not a folder this builder wrote: a build never deletes it."""
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -218,21 +230,53 @@ def load_complete_manifest(out_dir: str | os.PathLike) -> dict | None:
   return manifest
 
 
+def written_by_monojax(out_dir: str | os.PathLike) -> bool:
+  """Whether out_dir is a real folder (not a link) whose manifest.json this builder wrote: a JSON
+  object with "builder": BUILDER, "format": FORMAT and the format's keys, or (a corpus built before
+  "builder" existed) FORMAT and exactly the keys every such manifest has. Only such a folder may
+  be deleted by a build."""
+  out = pathlib.Path(out_dir)
+  if out.is_symlink() or not out.is_dir() or (out / MANIFEST).is_symlink():
+    return False
+  try:
+    manifest = json.loads((out / MANIFEST).read_text())
+  except (OSError, ValueError):
+    return False
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    return False
+  if "builder" in manifest:
+    return manifest["builder"] == BUILDER and all(k in manifest for k in MANIFEST_KEYS)
+  return set(manifest) == set(MANIFEST_KEYS)
+
+
+def _check_clearable(out: pathlib.Path):
+  """Raises NotOurFolderError naming out unless a build may delete it (see written_by_monojax)."""
+  if out.is_symlink() or out.exists() and not (written_by_monojax(out) or out.is_dir() and not any(out.iterdir())):
+    raise NotOurFolderError(f"{out} exists and holds no corpus manifest that monojax wrote; not deleting it "
+                            "(choose another --out, or remove it yourself)")
+
+
 def _clear_stale(out: pathlib.Path, log: Log):
-  """Removes a half-built OUT and temp folders of dead builds; refuses to delete unrelated folders."""
+  """Removes temp folders of dead builds, and OUT when it holds an incomplete corpus that this
+  builder wrote (or is empty); refuses to touch any other OUT."""
   for tmp in out.parent.glob(glob.escape(out.name) + ".tmp-*"):
     try:
-      os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
-    except (ValueError, ProcessLookupError):
+      pid = int(tmp.name.rsplit("-", 1)[1])
+    except ValueError:
+      continue  # not a name this builder gives its temp folders
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
       shutil.rmtree(tmp, ignore_errors=True)
     except PermissionError:
       pass
-  if out.exists() and load_complete_manifest(out) is None:
-    entries = {p.name for p in out.iterdir()} if out.is_dir() else {"?"}
-    if entries and not entries & {"train", "val", MANIFEST}:
-      raise RuntimeError(f"{out} exists and does not look like a corpus folder; choose another --out")
-    log(f"{out} exists without a complete manifest: removing it and rebuilding")
-    shutil.rmtree(out)
+  if (out.exists() or out.is_symlink()) and load_complete_manifest(out) is None:
+    _check_clearable(out)
+    if written_by_monojax(out):
+      log(f"{out} holds an incomplete corpus (shards missing): removing it and rebuilding")
+      shutil.rmtree(out)
+    else:
+      out.rmdir()  # empty
 
 
 def _resolve_sources(tier: str, sources) -> list[cs.Source]:
@@ -349,7 +393,7 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
   for v in sets.values():
     group_bytes[v["group"]] += v["train"]["bytes"]
   manifest = {
-      "format": FORMAT, "complete": True, "tier": tier,
+      "format": FORMAT, "builder": BUILDER, "complete": True, "tier": tier,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "build_seconds": round(time.perf_counter() - t_start, 1),
       "timings": {"fetch": round(t_fetched - t_start, 1), "extract": round(t_extracted - t_fetched, 1),
@@ -372,7 +416,12 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
   files.atomic_write_json(tmp / MANIFEST, manifest, indent=1, ensure_ascii=False)
 
   old = None
-  if out.exists():  # a complete corpus being rebuilt: swap, then delete the old one
+  if out.exists() or out.is_symlink():  # a complete corpus being rebuilt: swap, then delete the old one
+    try:
+      _check_clearable(out)  # checked at the start too; something may have been put there since
+    except NotOurFolderError:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
     old = out.parent / f"{out.name}.old-{os.getpid()}"
     out.rename(old)
   tmp.rename(out)

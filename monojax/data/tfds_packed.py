@@ -35,11 +35,13 @@ class MonojaxPacked(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Packed windows, EOS between documents, last partial window dropped."}
 
   def __init__(self, *, split_files: dict[str, list[str]], tokenizer: tokenizer_lib.TextTokenizer,
-               window: int, on_error: str, tokenize_batch_docs: int = 64, **kwargs):
+               window: int, on_error: str, tokenize_batch_docs: int = 64,
+               max_line_bytes: int = pile_io.MAX_LINE_BYTES, **kwargs):
     self._split_files = split_files
     self._tokenizer = tokenizer
     self._window = window
     self._on_error = on_error
+    self._max_line_bytes = max_line_bytes
     self._batch_docs = tokenize_batch_docs
     self.skips = {s: pile_io.SkipCounts() for s in split_files}
     super().__init__(**kwargs)
@@ -69,7 +71,8 @@ class MonojaxPacked(tfds.core.GeneratorBasedBuilder):
       return np.concatenate([buf, ids])
 
     for path in self._split_files[split]:
-      for _, rec in pile_io.read_records(path, on_error=self._on_error, skips=self.skips[split]):
+      for _, rec in pile_io.read_records(path, on_error=self._on_error, skips=self.skips[split],
+                                         max_line_bytes=self._max_line_bytes):
         docs.append(rec["text"])
         if len(docs) == self._batch_docs:
           buf, docs = flush(buf, docs), []
@@ -86,12 +89,17 @@ class MonojaxPacked(tfds.core.GeneratorBasedBuilder):
       n += 1
 
 
+def _max_line_bytes(data_cfg) -> int:
+  """data.max_line_bytes (the reader's default for a config dict without the field)."""
+  return int(data_cfg.get("max_line_bytes", pile_io.MAX_LINE_BYTES))
+
+
 def dataset_dir(data_cfg, root: str, tokenizer: tokenizer_lib.TextTokenizer) -> str:
   files = {s: sources.resolve_files(p, root) for s, p in (("train", data_cfg.train_files), ("val", data_cfg.val_files))}
   h = hashlib.sha1()
   for s in sorted(files):
     h.update(s.encode())
-    h.update(sources._key(files[s], data_cfg.on_error).encode())  # path, size, mtime of each file
+    h.update(sources._key(files[s], data_cfg.on_error, _max_line_bytes(data_cfg)).encode())  # path, size, mtime of each file
   h.update(tokenizer.hf.to_str().encode())
   h.update(f"{data_cfg.seq_len + 1}".encode())
   return os.path.join(os.path.expanduser(data_cfg.tfds_dir), h.hexdigest()[:20])
@@ -110,6 +118,7 @@ def build(data_cfg, root: str, tokenizer: tokenizer_lib.TextTokenizer, log=loggi
   try:
     builder = MonojaxPacked(split_files=split_files, tokenizer=tokenizer, window=data_cfg.seq_len + 1,
                             on_error=data_cfg.on_error, tokenize_batch_docs=data_cfg.tokenize_batch_docs,
+                            max_line_bytes=_max_line_bytes(data_cfg),
                             data_dir=tmp)
     builder.download_and_prepare(file_format="array_record")
     counts = {s: builder.info.splits[TFDS_SPLIT[s]].num_examples for s in sources.SPLITS}

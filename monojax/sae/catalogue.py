@@ -55,6 +55,7 @@ class SAE:
   k: int          # active latents per token fixed by the recipe (topk), else 0
   layer: int      # the LM block whose MLP post-ReLU activations it reads (-1: none, e.g. toy data)
   d_in: int       # input width (the MLP width)
+  scaled: bool    # trains on inputs scaled by the state's input_scale (Recipe.scales)
 
   @property
   def name(self) -> str:
@@ -74,6 +75,8 @@ class SAE:
   @classmethod
   def from_json(cls, d: dict) -> SAE:
     fields = {f.name for f in dataclasses.fields(cls)}
+    if "scaled" not in d and "recipe" in d:  # records from before the field: the recipe's own rule
+      d = dict(d, scaled=recipes.get(d["recipe"]).scales_input)
     if set(d) != fields:
       raise ValueError(f"an SAE record needs the fields {sorted(fields)}, got {sorted(d)}")
     return cls(**d)
@@ -124,8 +127,9 @@ def build(sae_cfg, d_in: int, layer: int = -1) -> tuple[SAE, ...]:
   out = {}
   for g in make_groups(specs):
     for j, i in enumerate(g.members):
+      rules = recipes.get(g.recipe)
       out[i] = SAE(index=i, width=specs[i].width, l1=float(specs[i].l1), recipe=specs[i].recipe, group=g.key(sae_cfg),
-                   member=j, k=recipes.get(g.recipe).k(sae_cfg), layer=int(layer), d_in=int(d_in))
+                   member=j, k=rules.k(sae_cfg), layer=int(layer), d_in=int(d_in), scaled=rules.scales(sae_cfg))
   return tuple(out[i] for i in range(len(specs)))
 
 

@@ -18,6 +18,9 @@ def sae_config() -> config_dict.ConfigDict:
   s.saes = "4096:0.004:2023"
   s.batch_size = 4096              # activations per SAE step (paper 8,192, §3.3; April replications 4,096)
   s.sparse_update = "auto"         # exact sparse ReLU-SAE update on CPU (sae/sparse): auto | on | off
+  s.normalize_inputs = True        # 2023 SAEs train on c·x with E‖c·x‖ = √n (the 2024 rule; 2024 and topk always
+                                   # do), so λ means the same on any LM: λ on raw activations ≈ λ / c. False: raw
+                                   # activations as the paper, where λ must suit the LM's scale (docs/paper-notes.md §3.4)
 
   # Adam, shared by all recipes (2023 betas/eps unstated -> PyTorch defaults; 2024 uses 0.9/0.999).
   s.lr = 1e-4                      # 2023 learning rate, constant (unstated in the paper; 1e-4 as Neel Nanda's 1L)
@@ -50,4 +53,8 @@ def sae_config() -> config_dict.ConfigDict:
                                    # last complete window is what `core.density` reports
   s.ultralow_density = 1e-6        # features firing on fewer than this fraction of tokens (paper: < 1 in 1e6)
   s.dense_density = 0.01           # "dense": density above 1 %, many of which mean l1 is too low (§3.6)
+  s.min_ablation_gap = 0.01        # nats: loss recovered is undefined (not reported) when zero-ablating the MLP
+                                   # changes the held-out loss by less than this (or than 2 standard errors)
+  s.alarm_dead_frac = 0.9          # warn (log + metrics "<sae>/alarm") when an SAE's dead share passes this or
+                                   # its L0 falls below 1 during training: λ too large for these activations?
   return s

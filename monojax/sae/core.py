@@ -57,7 +57,7 @@ def init_state(sae_cfg, d_in: int, key, sample_acts, total_steps: int) -> dict:
   for g in groups:
     recipe = recipes.get(g.recipe)
     # The median of c·x is c·median(x): scaled recipes get their b_d in the units they train in.
-    b_d0 = median * (float(scale) if recipe.scales_input else 1.0)
+    b_d0 = median * (float(scale) if recipe.scales(sae_cfg) else 1.0)
     members = [recipe.init_params(sae_cfg, np.random.default_rng([*seed, i]), d_in, g.width, b_d0)
                for i in g.members]
     params = {name: jnp.asarray(np.stack([p[name] for p in members])) for name in members[0]}
@@ -124,7 +124,7 @@ def update(sae_cfg, groups_static, total_steps, state, acts, key):
 
 def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, step, new_window):
   recipe = recipes.get(g.recipe)
-  scale = input_scale if recipe.scales_input else jnp.ones((), F32)
+  scale = input_scale if recipe.scales(sae_cfg) else jnp.ones((), F32)
   x_in = x * scale
   tx = recipe.optimizer(sae_cfg)
   lr = recipe.lr(sae_cfg, step, total_steps)
@@ -205,8 +205,9 @@ def maybe_resample(sae_cfg, groups_static, state, sample_acts, key, total_steps)
       continue
     group_state = state["groups"][gkey]
     dead = dead_mask(sae_cfg, total_steps, step, group_state["last_fired"])
+    xs_g = xs * state["input_scale"] if recipe.scales(sae_cfg) else xs  # the units the group trains in
     new_groups[gkey], n_resampled = resample_lib.resample_group(
-        recipe, sae_cfg, group_state, dead, xs, step, jax.random.fold_in(key, g.index))
+        recipe, sae_cfg, group_state, dead, xs_g, step, jax.random.fold_in(key, g.index))
     per_group.append((g.members, dead.sum(-1, dtype=jnp.int32), n_resampled))
   order = np.argsort(np.concatenate([np.asarray(m) for m, _, _ in per_group]))
   info = {"dead": jnp.concatenate([d for _, d, _ in per_group])[order],
@@ -236,7 +237,7 @@ def member_params(state, sae: SAE) -> dict:
 def _encode_parts(state, sae: SAE, acts):
   recipe = recipes.get(sae.recipe)
   params = member_params(state, sae)
-  scale = state["input_scale"] if recipe.scales_input else jnp.ones((), F32)
+  scale = state["input_scale"] if sae.scaled else jnp.ones((), F32)
   _, f, x_hat = recipe.forward(params, jnp.asarray(acts).astype(F32) * scale, sae.k)
   return recipe, params, scale, f, x_hat
 

@@ -153,12 +153,17 @@ class Recipe:
   uses_l1 = True            # False: sparsity comes from elsewhere (topk's k); λ must be 0
   pre_bias = False          # encoder sees x − b_d, b_d initialised at the geometric median (2023 §3.1)
   unit_norm_decoder = False  # decoder rows kept at norm 1, gradient projected (2023 §3.2)
-  scales_input = False      # inputs multiplied by the dataset constant with E‖x‖ = √n (2024 §4.2)
+  scales_input = False      # inputs multiplied by the dataset constant with E‖x‖ = √n (2024 §4.2); see `scales`
   resamples = False         # dead-feature resampling (2023 §3.5)
   sparse: SparseForm | None = None  # set when the exact sparse CPU update can train this recipe
 
   def __repr__(self) -> str:
     return f"Recipe({self.name!r})"
+
+  def scales(self, cfg) -> bool:
+    """Whether this recipe trains on inputs scaled by the dataset constant (static per run)."""
+    del cfg
+    return self.scales_input
 
   def k(self, cfg) -> int:
     """Active latents per token when the recipe fixes them (topk), else 0; static per SAE."""
@@ -240,6 +245,11 @@ class Recipe2023(Recipe):
   unit_norm_decoder = True
   resamples = True
   sparse = SparseForm(mean_over_dims=True, norm_weighted_l1=False)
+
+  def scales(self, cfg) -> bool:
+    """sae.normalize_inputs: train on c·x with E‖c·x‖ = √n (the 2024 rule), so that λ means the same
+    on any LM (λ on raw activations ≈ λ / c); False: raw activations, as the paper."""
+    return bool(cfg.get("normalize_inputs", False))
 
   def lr(self, cfg, step, total_steps):
     # constant: the paper found annealing did not help (§3.3)

@@ -76,8 +76,9 @@ def _resample_member(cfg, params, mu, nu, dead, losses, xs, key):
 
 
 def resample_group(recipe, cfg, group_state, dead, xs, step, key):
-  """Resamples a stacked group's dead features (dead bool[S, m]) from the loss sample xs [N, d]
-  (unscaled; 2023 trains on raw activations). Returns (group_state, n_resampled int32[S])."""
+  """Resamples a stacked group's dead features (dead bool[S, m]) from the loss sample xs [N, d], in
+  the units the group trains on (scaled when the recipe scales). Returns (group_state, n_resampled
+  int32[S])."""
   params, opt = group_state["params"], group_state["opt"]
   adam = opt[-1]  # Recipe.optimizer is always a chain ending in scale_by_adam
   losses = per_input_loss(recipe, params, xs).T                                    # [S, N]

@@ -55,6 +55,7 @@ def toy_sae_config() -> config_dict.ConfigDict:
   per recipe (2023 averages the squared error over dims, 2024 sums it over scaled inputs)."""
   s = sae_config()
   s.saes = "128:0.01:2023,128:3:2024,128:0:topk"
+  s.normalize_inputs = False       # the 2023 SAE on the raw toy data, as the paper's recipe (its λ is tuned so)
   s.batch_size = 512
   s.lr = 2e-3
   s.lr_2024 = 2e-3

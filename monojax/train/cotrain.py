@@ -127,10 +127,45 @@ def make_resample(cfg, groups, plan: Plan, sae_shardings):
   return jax.jit(resample, out_shardings=(sae_shardings, None), donate_argnums=0)
 
 
+EVAL_CHUNK_ELEMENTS = 2**24  # rows x features of an SAE's activations alive at once in the eval (64 MB fp32)
+
+
+def chunk_rows(n_rows: int, width: int, elements: int | None = None) -> int:
+  """Rows per chunk so that a [rows, width] fp32 block stays within `elements` (EVAL_CHUNK_ELEMENTS)."""
+  elements = EVAL_CHUNK_ELEMENTS if elements is None else elements
+  return max(1, min(n_rows, elements // max(width, 1)))
+
+
+def _padded_chunks(x, rows: int):
+  """x [N, d] -> (chunks [n, rows, d] zero-padded, valid bool [n, rows])."""
+  N = x.shape[0]
+  n = -(-N // rows)
+  xp = jnp.pad(x, ((0, n * rows - N), (0, 0))).reshape(n, rows, x.shape[1])
+  return xp, (jnp.arange(n * rows) < N).reshape(n, rows)
+
+
+def chunked_sums(fn, x, rows: int):
+  """Σ over row chunks of fn(chunk [rows, d], valid bool [rows]) -> pytree of sums; fn must ignore
+  invalid (padding) rows. Only one chunk's intermediates exist at a time."""
+  xp, valid = _padded_chunks(x, rows)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, xp[0], valid[0]))
+  total, _ = jax.lax.scan(lambda carry, inp: (jax.tree.map(jnp.add, carry, fn(*inp)), None), zeros, (xp, valid))
+  return total
+
+
+def chunked_rows(fn, x, rows: int):
+  """fn applied to row chunks of x [N, d] and concatenated back to [N, ...] (fn: [rows, d] -> [rows, ...])."""
+  xp, _ = _padded_chunks(x, rows)
+  out = jax.lax.map(fn, xp)
+  return out.reshape(-1, *out.shape[2:])[:x.shape[0]]
+
+
 def make_eval_step(graphdef, saes, *, vocab_size: int, dtype: str, loss_chunk: int):
   """(params, sae state, batch) -> sums over the batch: clean / zero-ablated / per-SAE spliced CE,
   per-SAE reconstruction sums (squared error, variance, L0, L1) and per-feature firing counts on
-  the held-out tokens, for the catalogue records `saes` (all on one layer). All fp32."""
+  the held-out tokens, for the catalogue records `saes` (all on one layer). All fp32. Memory is
+  bounded like the training step's: the LM loss runs in `loss_chunk`s and each SAE's [rows, width]
+  activations exist one chunk of rows at a time (EVAL_CHUNK_ELEMENTS)."""
   layers = {s.layer for s in saes}
   if len(layers) != 1:
     raise ValueError(f"the SAE eval step takes SAEs of one layer, got layers {sorted(layers)}")
@@ -150,16 +185,25 @@ def make_eval_step(graphdef, saes, *, vocab_size: int, dtype: str, loss_chunk: i
     per = {k: [] for k in ("ce_sae", "sq_err", "l0", "l1")}
     fires = []
     for sae in saes:
-      def splice(post, sae=sae):
-        return sae_core.reconstruct(sae_state, sae, post.reshape(-1, d).astype(jnp.float32)).reshape(post.shape)
+      rows = chunk_rows(B * T, sae.width)
+
+      def splice(post, sae=sae, rows=rows):
+        recon = functools.partial(sae_core.reconstruct, sae_state, sae)
+        return chunked_rows(recon, post.reshape(-1, d).astype(jnp.float32), rows).reshape(post.shape)
+
+      def stats(xc, valid, sae=sae):
+        f = sae_core.encode(sae_state, sae, xc)
+        on = (f > 0) & valid[:, None]
+        err = jnp.where(valid[:, None], xc - sae_core.reconstruct(sae_state, sae, xc), 0.0)
+        return {"sq_err": jnp.sum(err ** 2), "l0": jnp.sum(on).astype(jnp.float32),
+                "l1": jnp.sum(jnp.where(valid[:, None], jnp.abs(f), 0.0)), "fires": jnp.sum(on, axis=0, dtype=jnp.int32)}
+
       _, spliced = fwd(params, tokens, mlp_replace={layer: splice})
-      f = sae_core.encode(sae_state, sae, x)
-      x_hat = sae_core.reconstruct(sae_state, sae, x)
+      sums = chunked_sums(stats, x, rows)
       per["ce_sae"].append(spliced["ce_sum"])
-      per["sq_err"].append(jnp.sum((x - x_hat) ** 2))
-      per["l0"].append(jnp.sum(f > 0).astype(jnp.float32))
-      per["l1"].append(jnp.sum(jnp.abs(f)))
-      fires.append(jnp.sum(f > 0, axis=0, dtype=jnp.int32))
+      for k in ("sq_err", "l0", "l1"):
+        per[k].append(sums[k])
+      fires.append(sums["fires"])
     out.update({k: jnp.stack(v) for k, v in per.items()})
     out["fires"] = tuple(fires)  # per SAE [m]: widths may differ
     return out
@@ -167,23 +211,34 @@ def make_eval_step(graphdef, saes, *, vocab_size: int, dtype: str, loss_chunk: i
   return eval_step
 
 
-def summarize_eval(sums: dict, cfg) -> dict:
-  """Sums over eval batches -> metrics per SAE (fp32 math done on host in float64)."""
+def summarize_eval(sums: dict, cfg, batch_gaps=None) -> dict:
+  """Sums over eval batches -> metrics per SAE (fp32 math done on host in float64).
+
+  Loss recovered is (L_zero − L_SAE) / (L_zero − L_clean): undefined when zero-ablating the MLP
+  barely changes the loss (an untrained LM), where the ratio is noise. It is then left out (and the
+  console says so) when |L_zero − L_clean| is below sae.min_ablation_gap or, given the per-batch
+  gaps `batch_gaps`, below twice their standard error."""
   n_tok = float(sums["tokens"])
   l_clean = float(sums["ce_clean"]) / n_tok
   l_zero = float(sums["ce_zero"]) / n_tok
-  out = {"sae_eval/loss_clean": l_clean, "sae_eval/loss_zero_ablated": l_zero}
+  gap = l_zero - l_clean
+  gaps = np.asarray(batch_gaps if batch_gaps is not None else [], np.float64)
+  se = float(gaps.std(ddof=1) / np.sqrt(len(gaps))) if len(gaps) >= 2 else 0.0
+  defined = abs(gap) >= max(float(cfg.sae.min_ablation_gap), 2.0 * se)
+  out = {"sae_eval/loss_clean": l_clean, "sae_eval/loss_zero_ablated": l_zero, "sae_eval/ablation_gap": gap,
+         "sae_eval/ablation_gap_se": se}
   for i, fires in enumerate(sums["fires"]):
     l_sae = float(sums["ce_sae"][i]) / n_tok
     stats = sae_metrics.density_stats(np.asarray(fires), n_tok, ultralow=cfg.sae.ultralow_density,
                                       dense=cfg.sae.dense_density)
     out.update({
         f"sae{i}_eval/loss_spliced": l_sae,
-        f"sae{i}_eval/loss_recovered": float(sae_metrics.loss_recovered(l_clean, l_sae, l_zero)),
         f"sae{i}_eval/fvu": float(sums["sq_err"][i]) / max(float(sums["x_sq_dev"]), 1e-30),
         f"sae{i}_eval/mse": float(sums["sq_err"][i]) / (n_tok * cfg.model.d_mlp),
         f"sae{i}_eval/l0": float(sums["l0"][i]) / n_tok,
         f"sae{i}_eval/l1": float(sums["l1"][i]) / n_tok,
         **{f"sae{i}_eval/{k}": float(v) for k, v in stats.items()},
     })
+    if defined:
+      out[f"sae{i}_eval/loss_recovered"] = float(sae_metrics.loss_recovered(l_clean, l_sae, l_zero))
   return out

@@ -43,30 +43,69 @@ def check_finite(step: int, m: dict, saved_steps: list[int], ckpt_dir: str) -> N
         "saving. Last good checkpoint: " + (f"step {good[-1]} in {ckpt_dir}" if good else "none"))
 
 
+def check_eval_finite(step: int, ev: dict, ckpt_dir: str) -> None:
+  """The held-out losses and reconstruction metrics must be finite too (an undefined loss recovered
+  is left out of the metrics, not NaN)."""
+  watched = ("eval/loss", "sae_eval/loss_clean", "sae_eval/loss_zero_ablated", "_eval/loss_spliced", "_eval/mse",
+             "_eval/l0", "_eval/loss_recovered")
+  bad = [k for k, v in ev.items() if k.endswith(watched) and not math.isfinite(v)]
+  if bad:
+    raise TrainingDiverged(f"non-finite evaluation at step {step}: " + ", ".join(f"{k}={ev[k]}" for k in bad)
+                           + f"; the checkpoint of step {step} in {ckpt_dir} holds these parameters")
+
+
 class Reporter:
-  """Turns each logged step's metrics into a console line (process 0) and a metrics row, with the
-  speed of the steps since the previous line."""
+  """Turns each logged step's metrics into a console line (process 0) and a metrics row. Speed (and
+  MFU, ETA) is measured over completed steps only: the loop calls `restart(step)` right after a sync
+  point that follows anything that is not a training step (a compile at a phase change, an
+  evaluation, a checkpoint save, the SAE's init or resampling), so no line is ever a timing
+  artifact; a line with no step measured since shows "-" (NaN in metrics.jsonl)."""
 
   def __init__(self, writer, *, total: int, tokens_per_step: int, flops_per_token: float, peak: float, saes,
-               is_main: bool, log):
+               is_main: bool, log, start: int = 0, clock=time.perf_counter, alarm_dead_frac: float = 0.9):
     self.writer, self.total, self.tokens_per_step = writer, total, tokens_per_step
     self.flops_per_token, self.peak, self.saes, self.is_main, self.log = flops_per_token, peak, saes, is_main, log
-    self.window_t, self.window_steps, self.last_rate = time.time(), 0, float("nan")
+    self.clock, self.alarm_dead_frac = clock, alarm_dead_frac
+    self.alarmed: set[str] = set()
+    self.restart(start)
 
-  def stepped(self) -> None:
-    self.window_steps += 1
+  def restart(self, synced_step: int) -> None:
+    """Starts a new timing window at `synced_step`, whose work has completed."""
+    self.window_step, self.window_t = synced_step, self.clock()
+
+  def rate(self, synced_step: int) -> float:
+    """Tokens/s over the steps completed since the window started (NaN when there are none)."""
+    steps, dt = synced_step - self.window_step, self.clock() - self.window_t
+    return steps * self.tokens_per_step / dt if steps > 0 and dt > 0 else float("nan")
 
   def report(self, step: int, m: dict) -> None:
-    dt = time.time() - self.window_t
-    # a report right after another (a checkpoint step) has no new steps: repeat the last rate
-    tok_s = self.window_steps * self.tokens_per_step / dt if dt > 0 and self.window_steps else self.last_rate
-    self.last_rate = tok_s
+    """Writes step `step`'s metrics; `step` has completed (its metrics were fetched)."""
+    tok_s = self.rate(step)
     mfu = tok_s * self.flops_per_token / self.peak if math.isfinite(tok_s) else float("nan")
-    eta = (self.total - step) * self.tokens_per_step / tok_s if tok_s and math.isfinite(tok_s) else float("nan")
+    eta = (self.total - step) * self.tokens_per_step / tok_s if math.isfinite(tok_s) else float("nan")
+    m = dict(m, **self._alarms(m))
     self.writer.write(step, {**m, "tokens_per_s": tok_s, "mfu": mfu, "tokens_seen": step * self.tokens_per_step})
     if self.is_main:
       self.log("\n".join([metrics_lib.console_line(step, self.total, m, tok_s, mfu, eta)] + self._sae_lines(m)))
-    self.window_t, self.window_steps = time.time(), 0
+
+  def _alarms(self, m: dict) -> dict:
+    """"<sae>/alarm" 1.0 while an SAE is dying (L0 < 1, or dead share > sae.alarm_dead_frac), with a
+    WARNING line when it starts and a line when it ends."""
+    out = {}
+    for sae in self.saes:
+      if f"{sae.name}/l0" not in m:
+        continue
+      l0, dead = m[f"{sae.name}/l0"], m.get(f"{sae.name}/dead_frac", 0.0)
+      dying = l0 < 1.0 or dead > self.alarm_dead_frac
+      out[f"{sae.name}/alarm"] = float(dying)
+      if dying and sae.name not in self.alarmed and self.is_main:
+        self.log(f"WARNING: {sae.name} [{sae.label}] is dying: L0 {l0:.2f}, {100 * dead:.0f}% of its features dead "
+                 f"(alarm at L0 < 1 or > {100 * self.alarm_dead_frac:.0f}% dead); λ is likely too large for these "
+                 "activations (sae.normalize_inputs, or a smaller λ)")
+      elif not dying and sae.name in self.alarmed and self.is_main:
+        self.log(f"{sae.name} [{sae.label}] recovered: L0 {l0:.2f}, {100 * dead:.0f}% dead")
+      (self.alarmed.add if dying else self.alarmed.discard)(sae.name)
+    return out
 
   def _sae_lines(self, m: dict) -> list[str]:
     lines = []
@@ -75,7 +114,8 @@ class Reporter:
         continue
       g = lambda k: m.get(f"{sae.name}/{k}", float("nan"))  # noqa: E731
       lines.append(f"    {sae.name} [{sae.label}] mse {g('mse'):.4g} | fvu {g('fvu'):.3f} | L0 {g('l0'):.1f} | "
-                   f"L1 {g('l1'):.3g} | dead {100 * g('dead_frac'):.1f}% | lr {g('lr'):.1e} | l1 coef {g('l1_coef'):.3g}")
+                   f"L1 {g('l1'):.3g} | dead {100 * g('dead_frac'):.1f}% | lr {g('lr'):.1e} | l1 coef {g('l1_coef'):.3g}"
+                   + (" | DYING" if m.get(f"{sae.name}/alarm") else ""))
     return lines
 
 
@@ -93,19 +133,34 @@ class Evaluator:
              f"bits/byte {ev['eval/bits_per_byte']:.3f} | unigram entropy of these tokens "
              f"{ev['eval/unigram_entropy']:.4f} ({ev['eval/batches']} batches)")
     if self.saes and step >= self.sae_from_step:
-      sums = self._sums(lambda b: self.sae_eval_step(state["params"], state["sae"], b))
-      sev = cotrain.summarize_eval(sums, self.cfg)
+      gaps = []
+
+      def one(batch):
+        out = self.sae_eval_step(state["params"], state["sae"], batch)
+        c, z, n = (float(v) for v in jax.device_get((out["ce_clean"], out["ce_zero"], out["tokens"])))
+        gaps.append((z - c) / n)
+        return out
+      sev = cotrain.summarize_eval(self._sums(one), self.cfg, gaps)
       ev.update(sev)
-      lines = [f"sae eval at step {step} on held-out tokens: LM loss clean {sev['sae_eval/loss_clean']:.4f}, "
-               f"MLP zero-ablated {sev['sae_eval/loss_zero_ablated']:.4f}"]
-      for sae in self.saes:
-        g = lambda k: sev[f"{sae.name}_eval/{k}"]  # noqa: E731
-        lines.append(f"    {sae.name} [{sae.label}] loss recovered {100 * g('loss_recovered'):.1f}% (spliced "
-                     f"{g('loss_spliced'):.4f}) | fvu {g('fvu'):.3f} | L0 {g('l0'):.1f} | dead {g('dead'):.0f} | "
-                     f"ultralow {g('ultralow'):.0f} | dense {g('dense'):.0f} of {g('n_features'):.0f} features "
-                     f"(on {g('n_tokens'):,.0f} tokens)")
-      self.log("\n".join(lines))
+      self.log("\n".join(self._sae_lines(step, sev)))
     return ev
+
+  def _sae_lines(self, step: int, sev: dict) -> list[str]:
+    lines = [f"sae eval at step {step} on held-out tokens: LM loss clean {sev['sae_eval/loss_clean']:.4f}, "
+             f"MLP zero-ablated {sev['sae_eval/loss_zero_ablated']:.4f}"]
+    undefined = f"{self.saes[0].name}_eval/loss_recovered" not in sev
+    if undefined:
+      lines[0] += (f"; loss recovered is undefined: zero-ablating the MLP changes the loss by only "
+                   f"{sev['sae_eval/ablation_gap']:+.4f} nats (noise ±{2 * sev['sae_eval/ablation_gap_se']:.4f}, "
+                   f"sae.min_ablation_gap {self.cfg.sae.min_ablation_gap:g})")
+    for sae in self.saes:
+      g = lambda k: sev[f"{sae.name}_eval/{k}"]  # noqa: E731
+      recovered = "loss recovered -" if undefined else f"loss recovered {100 * g('loss_recovered'):.1f}%"
+      lines.append(f"    {sae.name} [{sae.label}] {recovered} (spliced "
+                   f"{g('loss_spliced'):.4f}) | fvu {g('fvu'):.3f} | L0 {g('l0'):.1f} | dead {g('dead'):.0f} | "
+                   f"ultralow {g('ultralow'):.0f} | dense {g('dense'):.0f} of {g('n_features'):.0f} features "
+                   f"(on {g('n_tokens'):,.0f} tokens)")
+    return lines
 
   def _batches(self):
     return pipeline.eval_batches(self.cfg, self.tokenizer, self.root, self.mesh)

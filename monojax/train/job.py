@@ -38,6 +38,7 @@ class Job:
   sae_init: Callable | None         # (buffer acts, key) -> SAE state, once at plan.init_step
   sae_resample: Callable | None     # (SAE state, buffer acts, key) -> (SAE state, info)
   resample_at: set                  # SAE steps after which to resample
+  lm_source: dict | None            # frozen mode: the LM run read ({"workdir", "step"})
   evaluate: evaluate.Evaluator
   reporter: evaluate.Reporter
   writer: metrics_lib.MetricWriter
@@ -49,7 +50,10 @@ class Job:
 
   def ckpt_meta(self) -> dict:
     """The record saved with every checkpoint: what the state holds, for the run loader."""
-    return {"mode": self.cfg.mode, "saes": catalogue.to_json(self.saes)}
+    meta = {"mode": self.cfg.mode, "saes": catalogue.to_json(self.saes)}
+    if self.lm_source is not None:
+      meta["lm_source"] = self.lm_source
+    return meta
 
   def close(self) -> None:
     self.ckpt.close()
@@ -63,7 +67,8 @@ def setup(cfg, workdir: str, log) -> Job:
   mesh = sharding.make_mesh(cfg.mesh)
   frozen = cfg.mode == "frozen"
   lm_run = _open_frozen_lm(cfg, mesh, log) if frozen else None
-  root, tokenizer, train_batches = _data(cfg, workdir, mesh, lm_run, log)
+  changes = _check_resume(cfg, workdir, log)  # before anything is built or written
+  root, tokenizer, train_batches = _data(cfg, workdir, mesh, lm_run, changes, log)
   total = cfg.train.steps
   schedule = state_lib.make_schedule(cfg.train)
   tx = state_lib.make_optimizer(cfg.train, schedule)
@@ -99,17 +104,19 @@ def setup(cfg, workdir: str, log) -> Job:
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, start, enabled=is_main)
   reporter = evaluate.Reporter(writer, total=total, tokens_per_step=cfg.data.global_batch * cfg.data.seq_len,
-                               flops_per_token=flops_tok, peak=peak, saes=saes, is_main=is_main, log=log)
+                               flops_per_token=flops_tok, peak=peak, saes=saes, is_main=is_main, log=log,
+                               start=start, alarm_dead_frac=cfg.sae.alarm_dead_frac)
   evaluator = evaluate.Evaluator(cfg, tokenizer=tokenizer, root=root, mesh=mesh, eval_step=eval_step,
                                  sae_eval_step=sae_eval_step, saes=saes,
                                  sae_from_step=plan.init_step if plan else total + 1, log=log)
   return Job(cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tokenizer, graphdef=graphdef, state=state, start=start,
              saes=saes, plan=plan, step_fns=step_fns, sae_init=sae_init, sae_resample=sae_resample,
              resample_at=resample_at, evaluate=evaluator, reporter=reporter, writer=writer, ckpt=ckpt,
-             train_iter=train_iter)
+             train_iter=train_iter,
+             lm_source={"workdir": lm_run.workdir, "step": lm_run.step} if lm_run is not None else None)
 
 
-def _data(cfg, workdir: str, mesh, lm_run, log):
+def _data(cfg, workdir: str, mesh, lm_run, changes: dict, log):
   """The data root (the default corpus built if needed), the tokenizer (a frozen job's: the LM
   run's), the resolved config and the tokenizer copy written to the workdir, the corpus summary,
   and a factory of global training batches (its throughput measured once)."""
@@ -119,6 +126,8 @@ def _data(cfg, workdir: str, mesh, lm_run, log):
     cfg.model.vocab_size = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
   if jax.process_index() == 0:
     tokenizer_lib.save_for_run(tokenizer, workdir)
+    if changes:
+      _record_changes(workdir, changes)
     log(f"config written to {config_lib.write_resolved(cfg, workdir)}")
   summary.summarize(cfg, root, tokenizer, log=log)
   host_batch = pipeline.host_batch_size(cfg.data.global_batch, jax.process_count())
@@ -147,6 +156,47 @@ def _sae_functions(cfg, graphdef, shardings, plan, saes, kw):
           set(sae_core.resample_steps(cfg.sae, plan.total_sae_steps)),
           jax.jit(cotrain.make_eval_step(graphdef, saes, vocab_size=kw["vocab_size"], dtype=kw["dtype"],
                                          loss_chunk=kw["loss_chunk"])))
+
+
+def _check_resume(cfg, workdir: str, log) -> dict:
+  """A workdir that holds checkpoints continues only with a config that keeps its state and data
+  stream: fields that would change them (model, SAEs, data, tokenizer, seeds, ...) are refused,
+  listed, and nothing is touched; changes a resume may make (config.RESUMABLE: steps, cadence, ...)
+  are logged and returned, to be kept in config_changes.jsonl."""
+  path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(path) or not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+    return {}
+  try:
+    saved = config_lib.load_resolved(path)
+  except errors.UserInputError as e:
+    raise errors.RunFormatError(f"--workdir {workdir} holds a run this monojax cannot continue ({e}); use another "
+                                "--workdir") from None
+  refused, allowed = config_lib.resume_changes(saved, cfg)
+  if refused:
+    shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:3])
+    more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
+    raise errors.ConfigError(
+        f"--workdir {workdir} holds a run trained with another config ({shown}{more}); these change its state or "
+        "data, so it cannot resume: run with the values it was trained with, or use a new --workdir (nothing was "
+        "changed)")
+  if allowed:
+    log("resuming with changed settings: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items())
+        + f" (kept in {os.path.join(workdir, CHANGES_FILE)})")
+  return allowed
+
+
+CHANGES_FILE = "config_changes.jsonl"
+
+
+def _record_changes(workdir: str, changes: dict) -> None:
+  """Appends one JSON line per resume that changed settings: when, and each field's old and new value."""
+  import datetime
+  import json
+  line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "changes": {k: [a, b] for k, (a, b) in changes.items()}}
+  with open(os.path.join(workdir, CHANGES_FILE), "a") as fh:
+    fh.write(json.dumps(line) + "\n")
 
 
 def _open_frozen_lm(cfg, mesh, log) -> Run:

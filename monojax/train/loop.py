@@ -13,26 +13,56 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 
 from monojax.train import evaluate, job as job_lib, preview
 from monojax.train.evaluate import TrainingDiverged  # noqa: F401 (the entry point catches it from here)
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag read at step boundaries."""
+  """SIGTERM (a preemption notice) → a checkpoint at a step boundary, then a normal return.
+
+  One process: a Python handler sets a flag read at the next step boundary. Several processes: the
+  signal may reach only some of them, or reach them a step apart, but the orbax save is collective:
+  all must save the same step. jax's preemption sync manager (started by jax.distributed.initialize,
+  works on CPU) agrees on it: its C++ SIGTERM handler notifies the coordination service, which takes
+  max(step of each process) + 1. Chosen over a per-step OR of the flags because it costs a mutex per
+  step, not a blocking collective (BUILD_NOTES.md, "Multi-host and launch"); no Python handler is
+  installed then, as it would replace jax's. Fallback when jax_enable_preemption_service is off:
+  the flags OR-ed by a process_allgather every step.
+  """
 
   def __init__(self, log):
     self.requested = False
     self.log = log
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self._multi = jax.process_count() > 1
+    self._sync = self._multi and jax.config.jax_enable_preemption_service
+    self._old = None if self._sync else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
     self.log("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
 
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; the same answer in every process. Call every step."""
+    if not self._multi:
+      return self.requested
+    import numpy as np
+    from jax.experimental import multihost_utils
+    if not self._sync:
+      return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+    # The global step, as orbax's save passes it to the same sync manager. Known gap (as in orbax): a
+    # notice during a resumed job's setup gives the sync point 1 (counters start at 0), never reached;
+    # the job trains on until killed, and resumes from the checkpoint it started from.
+    if not multihost_utils.reached_preemption_sync_point(step):
+      return False
+    self.log(f"preemption notice (SIGTERM) in some process: every process saves at step {step}")
+    return True
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 def run(cfg, workdir: str, log=logging.info) -> dict:
@@ -61,13 +91,21 @@ def _steps(job: job_lib.Job, preempt: _Preemption, log) -> tuple[dict, int]:
     return m
 
   step = job.start
+  if step >= total:
+    log(f"nothing to train: {job.ckpt.directory} is at step {step}, train.steps is {total} (raise train.steps "
+        "to continue this run)")
+  last_phase = None
   while step < total:
     batch = next(job.train_iter)
-    job.state, dev_metrics = job.step_fns[job.phase(step)](job.state, batch)
+    phase = job.phase(step)
+    job.state, dev_metrics = job.step_fns[phase](job.state, batch)
     step += 1
-    job.reporter.stepped()
-    if plan is not None:
-      _sae_events(job, step, log)
+    if phase != last_phase:  # this call compiled its phase's step: time only the steps after it
+      jax.block_until_ready(dev_metrics)
+      job.reporter.restart(step)
+      last_phase = phase
+    if plan is not None and _sae_events(job, step, log):
+      job.reporter.restart(step)  # host work on the buffer (init, resampling) is not a step either
     if pending is not None:
       p_step, p_metrics = pending
       last = check(p_step, p_metrics)
@@ -76,17 +114,21 @@ def _steps(job: job_lib.Job, preempt: _Preemption, log) -> tuple[dict, int]:
     pending = (step, dev_metrics)
     if cfg.train.debug_step_delay_s > 0:
       time.sleep(cfg.train.debug_step_delay_s)
-    stop = preempt.requested
+    stop = preempt.reached(step)
     if step % cfg.train.ckpt_every == 0 or step == total or stop:
       last = check(*pending)  # synchronous: never save a non-finite state
       if step % cfg.train.log_every == 0 or step == total:
         job.reporter.report(step, last)
       pending = None
+      _check_state_finite(job, step)
       job.ckpt.save(step, job.state, job.train_iter, meta=job.ckpt_meta())
+      job.reporter.restart(step)
     if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
       ev = job.evaluate(step, job.state)
       job.writer.write(step, ev)
+      evaluate.check_eval_finite(step, ev, job.ckpt.directory)
       last.update(ev)
+      job.reporter.restart(step)
     if stop:
       log(f"preempted: checkpoint at step {step} saved in {job.ckpt.directory}; exiting")
       break
@@ -95,21 +137,44 @@ def _steps(job: job_lib.Job, preempt: _Preemption, log) -> tuple[dict, int]:
   return last, step
 
 
-def _sae_events(job: job_lib.Job, step: int, log) -> None:
-  """The SAE's once-per-run initialisation from the full buffer, and dead-feature resampling."""
+def _check_state_finite(job: job_lib.Job, step: int) -> None:
+  """Before a save: every parameter (LM and SAEs) is finite. A loss computed before an update can be
+  finite while the update itself overflowed; such a state is never saved."""
+  bad = [name for name, ok in jax.device_get(_finite_parts(job.state)).items() if not ok]
+  if bad:
+    good = [s for s in job.ckpt.steps() if s < step]
+    raise TrainingDiverged(f"non-finite parameters at step {step} ({', '.join(bad)}); stopped without saving. Last "
+                           "good checkpoint: " + (f"step {good[-1]} in {job.ckpt.directory}" if good else "none"))
+
+
+@jax.jit
+def _finite_parts(state) -> dict:
+  parts = {"LM parameters": state["params"]}
+  for key, group in state.get("sae", {}).get("groups", {}).items():
+    parts[f"SAE group {key}"] = group["params"]
+  return {name: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])) for name, tree in parts.items()}
+
+
+def _sae_events(job: job_lib.Job, step: int, log) -> bool:
+  """The SAE's once-per-run initialisation from the full buffer, and dead-feature resampling.
+  Returns whether either ran."""
   plan, state = job.plan, job.state
+  ran = False
   if step == plan.init_step:
+    ran = True
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 10**9 + step)
     state["sae"] = job.sae_init(state["buffer"]["acts"], key)
     log(f"sae: initialised from {min(plan.capacity, job.cfg.sae.init_inputs):,} buffered activations at step {step}")
   if step > plan.init_step:
     sae_step = (step - plan.init_step) * plan.updates_per_step
     if any(sae_step - plan.updates_per_step < r <= sae_step for r in job.resample_at):
+      ran = True
       key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 2 * 10**9 + step)
       state["sae"], info = job.sae_resample(state["sae"], state["buffer"]["acts"], key)
       info = jax.device_get(info)
       log(f"sae: resampled at SAE step {sae_step}: dead {info['dead'].tolist()}, "
           f"resampled {info['resampled'].tolist()} (per SAE)")
+  return ran
 
 
 def _finish(job: job_lib.Job, log) -> None:

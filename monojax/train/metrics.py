@@ -96,5 +96,6 @@ class MetricWriter:
 def console_line(step: int, total: int, m: dict, tok_s: float, mfu: float, eta_s: float) -> str:
   lm = (f"loss {m['loss']:.4f} | acc {m['accuracy']:.3f} | bpb {m['bits_per_byte']:.3f} | lr {m['lr']:.2e}"
         if "loss" in m else "frozen LM")  # the frozen step stops at the SAE's layer: no LM loss
-  return (f"step {step:>6}/{total} | {lm} | {tok_s / 1e3:,.1f}k tok/s | MFU {100 * mfu:.1f}% | "
-          f"ETA {_fmt_time(eta_s)}")
+  speed = (f"{tok_s / 1e3:,.1f}k tok/s | MFU {100 * mfu:.1f}%" if math.isfinite(tok_s)
+           else "- tok/s | MFU -")  # no completed step timed since the last compile, eval or save
+  return f"step {step:>6}/{total} | {lm} | {speed} | ETA {_fmt_time(eta_s)}"

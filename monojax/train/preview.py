@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monojax import files
+from monojax import files, text
 from monojax.sae import core as sae_core, metrics as sae_metrics
 
 TOP_K = 3          # contexts shown per feature
@@ -58,13 +58,35 @@ def pick_features(counts, n: int = N_FEATURES) -> list[int]:
 
 
 def context(tokenizer, tokens, flat_index: int) -> str:
+  """The decoded tokens around one position, the firing token between « and », as visible text
+  (text.visible: newlines as ⏎, control and bidi characters as escapes). Corpus text: whoever
+  writes it for a reader still quotes it for the medium (text.markdown_code, text.html)."""
   T = tokens.shape[1] - 1
   row, pos = divmod(int(flat_index), T)
   ids = tokens[row, :T]
   left = tokenizer.decode(ids[max(0, pos - LEFT):pos])
   here = tokenizer.decode(ids[pos:pos + 1])
   right = tokenizer.decode(ids[pos + 1:pos + 1 + RIGHT])
-  return (left + "«" + here + "»" + right).replace("\n", "⏎").replace("`", "'")
+  return text.visible(left + "«" + here + "»" + right)
+
+
+def preview_lines(sae, counts, vals, idx, tokens, tokenizer, plots: str) -> list[str]:
+  """preview.md's lines: a header, then for each picked feature a line of its numbers and a list of
+  its top contexts, each an inline code span (no HTML, link or emphasis can come from corpus text)."""
+  n_tok = tokens.shape[0] * (tokens.shape[1] - 1)
+  lines = [text.visible(f"# Feature preview: {sae.name} [{sae.label}]"), "",
+           f"{int((counts > 0).sum()):,} of {counts.size:,} features fire on {n_tok:,} held-out tokens. "
+           f"{N_FEATURES} live features from rarest to densest; «» marks the token where the feature fires, "
+           f"with its activation. Density histograms: " + text.markdown_code(f"{plots}/sae<i>_density.png"), ""]
+  for f in pick_features(counts):
+    lines.append(f"feature {f}: density {counts[f] / n_tok:.2e} ({counts[f]} of {n_tok:,} tokens), "
+                 f"max activation {vals[f, 0]:.3g}")
+    lines.append("")
+    for v, j in zip(vals[f], idx[f]):
+      if v > 0:
+        lines.append(f"- {v:.3f} " + text.markdown_code(context(tokenizer, tokens, j)))
+    lines.append("")
+  return lines
 
 
 def finish(run, log) -> str:
@@ -82,19 +104,8 @@ def finish(run, log) -> str:
                                     dense=cfg.sae.dense_density, title=f"{sae.name} [{sae.label}], {n_tok:,} training tokens")
   sae = run.saes[0]
   counts, vals, idx, tokens = top_activations(run, sae, run.held_out_batches(cfg.train.eval_batches))
-  n_tok = tokens.shape[0] * (tokens.shape[1] - 1)
-  lines = [f"# Feature preview: {sae.name} [{sae.label}]", "",
-           f"{int((counts > 0).sum()):,} of {counts.size:,} features fire on {n_tok:,} held-out tokens. "
-           f"{N_FEATURES} live features from rarest to densest; «» marks the token where the feature fires, "
-           f"with its activation. Density histograms: {plots}/sae<i>_density.png", ""]
-  for f in pick_features(counts):
-    lines.append(f"feature {f}: density {counts[f] / n_tok:.2e} ({counts[f]} of {n_tok:,} tokens), "
-                 f"max activation {vals[f, 0]:.3g}")
-    for v, j in zip(vals[f], idx[f]):
-      if v > 0:
-        lines.append(f"    {v:7.3f}  {context(run.tokenizer, tokens, j)}")
-  text = "\n".join(lines) + "\n"
+  out = "\n".join(preview_lines(sae, counts, vals, idx, tokens, run.tokenizer, plots)).rstrip("\n") + "\n"
   path = os.path.join(workdir, "preview.md")
-  files.atomic_write(path, text)
-  log(text + f"(written to {path})")
-  return text
+  files.atomic_write(path, out)
+  log(text.console(out + f"(written to {path})"))
+  return out

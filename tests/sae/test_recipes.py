@@ -18,6 +18,7 @@ D, M, B, T = 16, 64, 64, 100
 def cfg_for(saes, **overrides):
   c = sae_config()
   c.saes = saes
+  c.normalize_inputs = False  # the paper's 2023 rule on raw activations (the normalised one: its own test)
   c.topk_k, c.aux_k = 4, 8
   c.lr = c.lr_2024 = c.lr_topk = 1e-3
   for k, v in overrides.items():
@@ -355,7 +356,7 @@ def test_encode_reconstruct_directions_consistent(mixed):
   for i, (f, dirs, x_hat) in enumerate(views(state, x)):
     np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0, rtol=1e-6)
     sae = SAES[i]
-    scale = state["input_scale"] if sae.rules.scales_input else 1.0
+    scale = state["input_scale"] if sae.scaled else 1.0
     b_d = state["groups"][sae.group]["params"]["b_d"][sae.member] / scale
     np.testing.assert_allclose(x_hat, f @ dirs + b_d, rtol=1e-4, atol=1e-5)
   # 2024 reports f_i·‖W_d,i‖ in the original units (§4.2); 2023 reports f_i.

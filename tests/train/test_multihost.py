@@ -255,3 +255,86 @@ def test_local_sh_stops_the_others_when_one_fails(tmp_path):
   assert "[p1] process 1 fails" in lines
   assert any("process 1" in l and "exited with status 1" in l for l in lines), out
   assert any("process 0" in l and "exited with status 137" in l for l in lines), out  # SIGKILLed after the grace
+
+
+def _python_pid(launcher_pid, process_id, timeout=60):
+  """The pid of process `process_id`'s python: a child of the launcher with monojax.main in its
+  command line and MONOJAX_PROCESS_ID=<process_id> in its environment (not the launcher itself,
+  whose SIGTERM trap would forward the signal to every process)."""
+  import time
+
+  import psutil
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    for c in psutil.Process(launcher_pid).children():
+      try:
+        if "monojax.main" in c.cmdline() and c.environ().get("MONOJAX_PROCESS_ID") == str(process_id):
+          return c.pid
+      except psutil.Error:  # a child that just ended
+        pass
+    time.sleep(0.1)
+  raise AssertionError(f"no python process with MONOJAX_PROCESS_ID={process_id} under pid {launcher_pid}")
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_to_one_process_saves_the_same_step_in_all(tiny_corpus, tiny_tokenizer_path, tmp_path):
+  # Slurm's --signal and TPU preemption notices may reach one host, or reach hosts a step apart; the
+  # orbax save is collective, so every process must agree on the step to save at (train/loop.py
+  # `_Preemption`). Only process 1's python gets SIGTERM here. The constant learning rate makes the
+  # run's trajectory independent of train.steps, so runs of different lengths can be compared.
+  import time
+  common = ["--config.train.schedule=constant", "--config.train.ckpt_every=1000"]
+  wd, ref = tmp_path / "run", tmp_path / "ref"
+  args = _args("lm", tiny_corpus, tiny_tokenizer_path, tmp_path, wd, steps=1000) + common + [
+      "--config.train.debug_step_delay_s=0.3"]
+  env = dict(os.environ, PYTHON=sys.executable)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  log_path = tmp_path / "preempted.log"
+  with open(log_path, "w") as log:  # a file, not a pipe: nothing blocks on a full pipe while we wait
+    p = subprocess.Popen(["bash", LAUNCH, "-n", str(PROCS), "-d", str(DEVICES), "--", *args], cwd=REPO, env=env,
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+  def steps_done():
+    try:
+      return max((r["step"] for r in _train_rows(wd)), default=0)
+    except (OSError, ValueError):  # not written yet, or a line being appended
+      return 0
+
+  try:
+    t0 = time.time()
+    while steps_done() < 3:
+      assert p.poll() is None, f"the job ended early:\n{log_path.read_text()[-4000:]}"
+      assert time.time() - t0 < 240, f"no step 3 in 240 s:\n{log_path.read_text()[-4000:]}"
+      time.sleep(0.1)
+    os.kill(_python_pid(p.pid, 1), signal.SIGTERM)
+    try:
+      p.wait(timeout=90)  # seconds, where the agreed save takes a few: a hang fails here
+    except subprocess.TimeoutExpired:
+      raise AssertionError(f"the job did not stop within 90 s of SIGTERM to process 1 (hung in the collective "
+                           f"save?):\n{log_path.read_text()[-4000:]}") from None
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+  out = log_path.read_text()
+  assert p.returncode == 0, out[-4000:]  # launch/local.sh exits 0 only if every process does
+  saved = sorted(int(s) for s in os.listdir(wd / "checkpoints") if s.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < 1000, (saved, out[-4000:])
+  n = saved[0]
+  for pid in range(PROCS):
+    said = [line for line in _lines(out, pid) if "preempted: checkpoint at step" in line]
+    assert len(said) == 1 and f"preempted: checkpoint at step {n} saved" in said[0], (pid, said, out[-4000:])
+  _check_checkpoints(wd / "checkpoints", [n])
+  assert [r["step"] for r in _train_rows(wd)] == list(range(1, n + 1))
+
+  # The resume to n + 2 steps equals an uninterrupted run of n + 2 steps, bit for bit.
+  rc, out = _launch(_args("lm", tiny_corpus, tiny_tokenizer_path, tmp_path, wd, steps=n + 2) + common)
+  assert rc == 0, out[-4000:]
+  for pid in range(PROCS):
+    assert any(f"resumed from {wd / 'checkpoints'} at step {n}" in line for line in _lines(out, pid)), out[-3000:]
+  rc, out = _launch(_args("lm", tiny_corpus, tiny_tokenizer_path, tmp_path, ref, steps=n + 2) + common)
+  assert rc == 0, out[-4000:]
+  got, want = _train_rows(wd), _train_rows(ref)
+  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, n + 3))
+  for g, w in zip(got, want):
+    assert (g["loss"], g["grad_norm"]) == (w["loss"], w["grad_norm"]), (g, w)
