@@ -136,7 +136,7 @@ def chunk_rows(n_rows: int, width: int, elements: int | None = None) -> int:
   return max(1, min(n_rows, elements // max(width, 1)))
 
 
-def _padded_chunks(x, rows: int):
+def padded_chunks(x, rows: int):
   """x [N, d] -> (chunks [n, rows, d] zero-padded, valid bool [n, rows])."""
   N = x.shape[0]
   n = -(-N // rows)
@@ -147,7 +147,7 @@ def _padded_chunks(x, rows: int):
 def chunked_sums(fn, x, rows: int):
   """Σ over row chunks of fn(chunk [rows, d], valid bool [rows]) -> pytree of sums; fn must ignore
   invalid (padding) rows. Only one chunk's intermediates exist at a time."""
-  xp, valid = _padded_chunks(x, rows)
+  xp, valid = padded_chunks(x, rows)
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, xp[0], valid[0]))
   total, _ = jax.lax.scan(lambda carry, inp: (jax.tree.map(jnp.add, carry, fn(*inp)), None), zeros, (xp, valid))
   return total
@@ -155,7 +155,7 @@ def chunked_sums(fn, x, rows: int):
 
 def chunked_rows(fn, x, rows: int):
   """fn applied to row chunks of x [N, d] and concatenated back to [N, ...] (fn: [rows, d] -> [rows, ...])."""
-  xp, _ = _padded_chunks(x, rows)
+  xp, _ = padded_chunks(x, rows)
   out = jax.lax.map(fn, xp)
   return out.reshape(-1, *out.shape[2:])[:x.shape[0]]
 

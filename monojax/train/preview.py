@@ -12,10 +12,36 @@ import numpy as np
 
 from monojax import files, text
 from monojax.sae import core as sae_core, metrics as sae_metrics
+from monojax.train import cotrain
 
 TOP_K = 3          # contexts shown per feature
 N_FEATURES = 6     # features shown, spread across the density range
 LEFT, RIGHT = 10, 3  # tokens of context either side of the firing token
+
+
+def _batch_stats(sae, k: int):
+  """jit: (SAE state, activations [N, d]) -> (firing counts [m], top-k values [m, k], their rows
+  [m, k]), the features computed one chunk of rows at a time (cotrain.EVAL_CHUNK_ELEMENTS), so
+  memory is bounded like the training step's whatever the batch."""
+  @jax.jit
+  def stats(sae_state, x):
+    rows = max(k, cotrain.chunk_rows(x.shape[0], sae.width))
+    xp, valid = cotrain.padded_chunks(x, rows)
+
+    def body(carry, inp):
+      counts, vals, idx = carry
+      c, xc, vc = inp
+      f = jnp.where(vc[:, None], sae_core.encode(sae_state, sae, xc), -jnp.inf)  # padding rows never win
+      v, i = jax.lax.top_k(f.T, k)
+      both_v, both_i = jnp.concatenate([vals, v], 1), jnp.concatenate([idx, i + c * rows], 1)
+      best_v, order = jax.lax.top_k(both_v, k)
+      return (counts + jnp.sum(f > 0, axis=0, dtype=jnp.int32), best_v,
+              jnp.take_along_axis(both_i, order, 1)), None
+
+    init = (jnp.zeros((sae.width,), jnp.int32), jnp.full((sae.width, k), -jnp.inf), jnp.zeros((sae.width, k), jnp.int32))
+    (counts, vals, idx), _ = jax.lax.scan(body, init, (jnp.arange(xp.shape[0]), xp, valid))
+    return counts, vals, idx
+  return stats
 
 
 def top_activations(run, sae, batches, k: int = TOP_K):
@@ -23,16 +49,11 @@ def top_activations(run, sae, batches, k: int = TOP_K):
   (flat) token index where each happened. Returns (counts[m], top_vals[m,k], top_idx[m,k], tokens[N, T+1])."""
   counts, top_vals, top_idx, all_tokens = None, None, None, []
   offset = 0
-
-  @jax.jit
-  def stats(f):
-    f = f.reshape(-1, f.shape[-1])
-    vals, idx = jax.lax.top_k(f.T, k)
-    return jnp.sum(f > 0, axis=0, dtype=jnp.int32), vals, idx
-
+  stats = _batch_stats(sae, k)
   for batch in batches:
     tokens = np.asarray(jax.device_get(batch["tokens"]))
-    c, v, i = jax.device_get(stats(run.features(batch["tokens"][:, :-1], sae)))
+    x = run.mlp_acts(batch["tokens"][:, :-1], sae.layer)
+    c, v, i = jax.device_get(stats(run.sae_state, x.reshape(-1, x.shape[-1])))
     i = i + offset
     offset += tokens.shape[0] * (tokens.shape[1] - 1)
     all_tokens.append(tokens)

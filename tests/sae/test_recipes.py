@@ -428,3 +428,34 @@ def test_optimizer_state_is_adam_last():
   for name in recipes.NAMES:
     st = jax.eval_shape(recipes.get(name).optimizer(sae_config()).init, _f32(_params()))
     assert isinstance(st[-1], optax.ScaleByAdamState)
+
+
+def test_normalised_2023_lambda_means_the_same_at_any_activation_scale():
+  """sae.normalize_inputs: a 2023 SAE trains on c·x with E‖c·x‖ = √n, so the same λ trains the same
+  SAE on activations 10x larger (what makes one default λ live on any LM), and its reported
+  features and reconstructions stay in the original units. On raw activations (the paper's rule)
+  the same λ gives a different SAE."""
+  def train(scale, normalize):
+    c = cfg_for("64:0.004:2023", normalize_inputs=normalize)
+    x = [acts(B, 20 + i) * scale for i in range(4)]
+    state = core.init_state(c, D, jax.random.key(0), acts(256, 0) * scale, T)
+    step = core.make_update_fn(c, tuple(core.groups_from_config(c)), T, donate=False)
+    for i, xi in enumerate(x):
+      state, m = step(state, xi, jax.random.key(i))
+    sae = catalogue.build(c, D)[0]
+    return state, sae, m
+
+  s1, sae1, m1 = train(1.0, True)
+  s10, _, m10 = train(10.0, True)
+  assert sae1.scaled and float(s10["input_scale"]) == pytest.approx(float(s1["input_scale"]) / 10, rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               group(s1)["params"], group(s10)["params"])
+  x = acts(B, 30)
+  np.testing.assert_allclose(core.encode(s10, sae1, 10 * x), 10 * np.asarray(core.encode(s1, sae1, x)), rtol=1e-3,
+                             atol=1e-4)
+  np.testing.assert_allclose(core.reconstruct(s10, sae1, 10 * x), 10 * np.asarray(core.reconstruct(s1, sae1, x)),
+                             rtol=1e-3, atol=1e-3)
+  assert float(m10["l0"][0]) == pytest.approx(float(m1["l0"][0]), rel=1e-3)
+  r1, _, _ = train(1.0, False)
+  r10, _, _ = train(10.0, False)  # raw inputs: the same λ, another SAE (its pressure depends on the scale)
+  assert np.abs(np.asarray(group(r10)["params"]["W_e"]) - np.asarray(group(r1)["params"]["W_e"])).max() > 1e-3
