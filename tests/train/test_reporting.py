@@ -12,7 +12,7 @@ from flax import nnx
 from monojax.models import transformer
 from monojax.sae import catalogue, core as sae_core
 from monojax.train import cotrain, evaluate, loop, metrics as metrics_lib, preview
-from test_model_step import _tokens, tiny_cfg
+from test_model_step import tiny_cfg
 
 
 class _Clock:
