@@ -8,18 +8,29 @@
 //        count [m] (int32) = #{b: f_bi > 0}
 // pre = xw + b_e is formed here, row by row, as XLA forms it (one f32 add: the same bits), and
 // f = relu(pre) is not written: [B,m] passes over memory are what this step is made of.
-// Work is proportional to the number of active entries (pre > 0), nothing is truncated:
-//   1. rows (parallel over row chunks): compact the row's positive entries, x̂_b by gathering W_d
+// Work is proportional to the number of listed entries (pre > 0 or NaN), nothing is truncated:
+//   1. rows (parallel over row chunks): compact the row's listed entries, x̂_b by gathering W_d
 //      rows, g_b = c(x̂_b − x_b), df_bi = g_b·W_d,i + l1_i, count entries per feature;
 //   2. prefix sums -> per-feature (CSR) offsets for every chunk (a parallel counting sort);
 //   3. chunks scatter their entries (row, f, df) into the per-feature lists;
 //   4. features (parallel over blocks of 64): dW_d,i = Σ f_bi g_b, dW_e[:,i] = Σ df_bi xe_b,
 //      db_e,i = Σ df_bi. Each block owns its features, so there are no atomics, and every sum runs
 //      in row order: the result does not depend on the number of threads.
+// Non-finite values: every output is NaN (and ±inf) where the dense GEMMs' is (sae/sparse/update.py
+// runs those when W_d is not finite; W_d is assumed finite here), at no cost on finite data:
+//   - a NaN pre is listed with f = NaN (relu keeps NaN) and df = 0 (relu' is 0 there, as in JAX),
+//     so x̂_b, g_b and the sums NaN it touches are NaN; `count` counts f > 0 only, as core does;
+//   - the dense GEMMs also multiply the row's unlisted features by g_b and xe_b (0·g_b, xe_b·0),
+//     which is NaN where those are not finite. A row whose g_b is not finite (NaN/inf in x or b_d,
+//     a NaN pre, f = inf: tested by one fused 0·g sum per row) adds 0·g_b and xe_b·0 to every
+//     dW_d row and dW_e column when all its non-finite values are NaN (NaN + anything is NaN, so
+//     this is exact), or, with a ±inf (where f·inf is ±inf but 0·inf is NaN), lists every
+//     feature of the row with f = relu(pre), as the GEMMs compute it.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -48,6 +59,9 @@ struct Chunk {
   std::vector<float> fv, dfv; // their f and ∂L/∂f
   std::vector<int64_t> len;   // entries per row
   std::vector<int64_t> pos;   // [m]: entries per feature, then this chunk's write offsets
+  bool flagged = false;       // a row with non-finite g (NonFiniteRow) ...
+  bool poisoned = false;      // ... that added to pg, pxe
+  std::vector<float> pg, pxe; // [d] Σ 0·g_b, Σ 0·xe_b over the poisoning rows
 };
 
 struct Workspace {
@@ -56,6 +70,7 @@ struct Workspace {
   std::vector<int32_t> frow;
   std::vector<float> ff, fdf;
   std::vector<float> g;       // [B,d] ∂L/∂x̂
+  std::vector<float> pg, pxe; // [d] the chunks' pg, pxe summed
 };
 
 std::mutex g_ws_mu;
@@ -160,8 +175,9 @@ inline void GatherDot(int64_t n, const int32_t* idx, const float* u, const float
   for (; k < n; ++k) GatherDotG<1>(idx + k, u, g, add, out + k, d);
 }
 
-// Appends the positive entries of pre = xw[0:m] + be[0:m] to idx/val and returns their number.
-// idx/val need m + 16 free slots (whole vectors are stored past the end).
+// Appends the entries of pre = xw[0:m] + be[0:m] that are > 0 or NaN (!(pre <= 0): one compare,
+// as for > 0) to idx/val and returns their number. idx/val need m + 16 free slots (whole vectors
+// are stored past the end).
 int64_t CompactRow(const float* xw, const float* be, int64_t m, int32_t* idx, float* val) {
   int64_t n = 0, j = 0;
 #ifdef __AVX512F__
@@ -169,7 +185,7 @@ int64_t CompactRow(const float* xw, const float* be, int64_t m, int32_t* idx, fl
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= m; j += 16) {
     __m512 v = _mm512_add_ps(_mm512_loadu_ps(xw + j), _mm512_loadu_ps(be + j));
-    __mmask16 k = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+    __mmask16 k = _mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ);  // pre > 0 or NaN
     if (k) {  // compress in registers + full store (compress-to-memory is slow on Zen 4)
       _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(k, v));
       __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), iota);
@@ -180,10 +196,37 @@ int64_t CompactRow(const float* xw, const float* be, int64_t m, int32_t* idx, fl
 #endif
   for (; j < m; ++j) {
     float v = xw[j] + be[j];
-    if (v > 0.f) {
+    if (!(v <= 0.f)) {
       idx[n] = static_cast<int32_t>(j);
       val[n++] = v;
     }
+  }
+  return n;
+}
+
+// A row whose g_b = ∂L/∂x̂_b is not finite (never on the fast path; see the top of this file).
+// Returns the row's new number of entries (all m features when g_b or xe_b holds a ±inf).
+int64_t NonFiniteRow(Chunk& ch, const float* xw, const float* be, int64_t m, const float* gb, const float* xeb,
+                     int64_t d, int64_t n, int32_t* idx, float* fv) {
+  ch.flagged = true;
+  bool inf = false;
+  for (int64_t j = 0; j < d; ++j) inf |= std::isinf(gb[j]) || std::isinf(xeb[j]);
+  if (inf) {
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = xw[i] + be[i];
+      idx[i] = static_cast<int32_t>(i);
+      fv[i] = v <= 0.f ? 0.f : v;  // relu, NaN kept
+    }
+    return m;
+  }
+  if (!ch.poisoned) {
+    ch.poisoned = true;
+    ch.pg.assign(d, 0.f);
+    ch.pxe.assign(d, 0.f);
+  }
+  for (int64_t j = 0; j < d; ++j) {
+    ch.pg[j] += 0.f * gb[j];
+    ch.pxe[j] += 0.f * xeb[j];
   }
   return n;
 }
@@ -211,6 +254,7 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
     const int64_t b0 = ci * rows_per, b1 = std::min(B, b0 + rows_per);
     ch.len.assign(std::max<int64_t>(b1 - b0, 0), 0);
     ch.pos.assign(m, 0);
+    ch.flagged = ch.poisoned = false;
     int64_t used = 0;
     for (int64_t b = b0; b < b1; ++b) {
       Reserve(ch.idx, used + m + 16);
@@ -219,20 +263,44 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
       int32_t* idx = ch.idx.data() + used;
       float* fv = ch.fv.data() + used;
       float* dfv = ch.dfv.data() + used;
-      const int64_t n = CompactRow(a.xw + b * m, a.be, m, idx, fv);
+      int64_t n = CompactRow(a.xw + b * m, a.be, m, idx, fv);
       float* xh = a.xhat + b * d;
       std::memcpy(xh, a.bd, d * sizeof(float));
       GatherAxpy<false>(n, fv, nullptr, idx, a.wd, nullptr, xh, nullptr, d);
       float* gb = g + b * d;
       const float* xb = a.x + b * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) gb[j] = c * (xh[j] - xb[j]);
+      float bad = 0.f;  // Σ 0·g_bj: NaN iff some g_bj is not finite
+#pragma omp simd reduction(+ : bad)
+      for (int64_t j = 0; j < d; ++j) {
+        gb[j] = c * (xh[j] - xb[j]);
+        bad += 0.f * gb[j];
+      }
+      const bool nonfinite = bad != bad;
+      if (nonfinite) n = NonFiniteRow(ch, a.xw + b * m, a.be, m, gb, a.xe + b * d, d, n, idx, fv);
       GatherDot(n, idx, a.wd, gb, a.l1, dfv, d);
+      if (nonfinite) {
+        for (int64_t k = 0; k < n; ++k) dfv[k] = fv[k] > 0.f ? dfv[k] : 0.f;  // relu' = 0 at NaN and <= 0
+      }
       for (int64_t k = 0; k < n; ++k) ++ch.pos[idx[k]];
       ch.len[b - b0] = n;
       used += n;
     }
   });
+
+  // Non-finite rows: the poison vectors summed over chunks (see NonFiniteRow).
+  bool flagged = false, poisoned = false;
+  for (int64_t ci = 0; ci < n_chunks; ++ci) {
+    flagged |= ws.chunks[ci].flagged;
+    if (!ws.chunks[ci].poisoned) continue;
+    if (!poisoned) {
+      poisoned = true;
+      ws.pg.assign(d, 0.f);
+      ws.pxe.assign(d, 0.f);
+    }
+    for (int64_t j = 0; j < d; ++j) ws.pg[j] += ws.chunks[ci].pg[j], ws.pxe[j] += ws.chunks[ci].pxe[j];
+  }
+  const float* pg = poisoned ? ws.pg.data() : nullptr;
+  const float* pxe = poisoned ? ws.pxe.data() : nullptr;
 
   // 2. Offsets: feature i's list holds chunk 0's entries, then chunk 1's, ... (row order).
   Reserve(ws.fptr, m + 1);
@@ -280,18 +348,28 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
     thread_local std::vector<float> tile;
     if (static_cast<int64_t>(tile.size()) < kFeatBlock * d) tile.resize(kFeatBlock * d);
     const int64_t i0 = blk * kFeatBlock, i1 = std::min(m, i0 + kFeatBlock);
-    std::fill(tile.begin(), tile.begin() + (i1 - i0) * d, 0.f);
     for (int64_t i = i0; i < i1; ++i) {
       float* accd = a.dwd + i * d;
       float* acce = tile.data() + (i - i0) * d;
-      std::fill(accd, accd + d, 0.f);
+      if (poisoned) {
+        std::copy(pg, pg + d, accd);
+        std::copy(pxe, pxe + d, acce);
+      } else {
+        std::fill(accd, accd + d, 0.f);
+        std::fill(acce, acce + d, 0.f);
+      }
       const int64_t p0 = fptr[i], n = fptr[i + 1] - p0;
       GatherAxpy<true>(n, ws.ff.data() + p0, ws.fdf.data() + p0, ws.frow.data() + p0, g, a.xe, accd, acce, d);
       float sf = 0.f, sdf = 0.f;
       for (int64_t p = p0; p < p0 + n; ++p) sf += ws.ff[p], sdf += ws.fdf[p];
+      int64_t fired = n;
+      if (flagged) {  // NaN (and, in all-feature rows, f = 0) entries are listed but did not fire
+        fired = 0;
+        for (int64_t p = p0; p < p0 + n; ++p) fired += ws.ff[p] > 0.f;
+      }
       a.dbe[i] = sdf;
       a.colsum[i] = sf;
-      a.count[i] = static_cast<int32_t>(n);
+      a.count[i] = static_cast<int32_t>(fired);
     }
     for (int64_t j = 0; j < d; ++j) {
       float* out = a.dwe + j * m + i0;
@@ -331,6 +409,22 @@ ffi::Error SaeSparseImpl(ffi::ThreadPool pool, In xw, In be, In xe, In x, In wd,
 }
 
 }  // namespace
+
+// Which vector branch this build compiled (monojax/kernels/build.py `compiled_isa`): bit 0
+// __AVX512F__ (CompactRow's compress loop), bit 1 __AVX2__, bit 2 __FMA__.
+extern "C" int MonojaxSaeSparseIsa() {
+  int isa = 0;
+#ifdef __AVX512F__
+  isa |= 1;
+#endif
+#ifdef __AVX2__
+  isa |= 2;
+#endif
+#ifdef __FMA__
+  isa |= 4;
+#endif
+  return isa;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MonojaxSaeSparse, SaeSparseImpl,
                               ffi::Ffi::Bind()

@@ -117,7 +117,11 @@ def _kernel_terms_fwd(hs, ts, w_u, vocab_size):
     hc, tc = xs
     logits = jnp.dot(hc, w_u, preferred_element_type=F32)
     dlogits, loss, correct = _ffi_cross_entropy(logits, tc, vocab_size)
-    dh = jnp.dot(dlogits.astype(w_u.dtype), w_u.T, preferred_element_type=F32).astype(hc.dtype)
+    dh = jnp.dot(dlogits.astype(w_u.dtype), w_u.T, preferred_element_type=F32)
+    # The JAX path's dh is softmax·W_Uᵀ − W_U[:, target] (the target logit is its own product), the
+    # kernel's (softmax − onehot)·W_Uᵀ: equal, except that an inf in W_U[:, target] gives NaN there
+    # and ±inf here. 0·W_U[:, target] (a gather of M columns, fused into this add) puts the NaN back.
+    dh = (dh + 0.0 * jnp.take(w_u, tc, axis=1).T.astype(F32)).astype(hc.dtype)
     dw = carry[2] + jnp.dot(hc.T, dlogits.astype(hc.dtype), preferred_element_type=F32)
     return (carry[0] + loss.sum(), carry[1] + correct.sum(), dw), dh
 

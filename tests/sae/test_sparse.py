@@ -1,9 +1,16 @@
 """The sparse SAE update (monojax/sae/sparse): equal to the dense reference for the 2023 and 2024
 recipes on heavy-tailed rows and on densely firing SAEs (kernel and dense-formula branches), inside
 core.update (vmapped members, 3 steps), on an 8-device mesh, and the dense fallback when the
-kernels cannot be built."""
+kernels cannot be built. NaN/inf in x, W_e, b_e, W_d: the same outputs NaN (and ±inf) as the dense
+reference, elementwise, on both branches and through core.update. The kernel tests run again in a
+subprocess on a build without AVX-512 (MONOJAX_KERNEL_FLAGS=-mno-avx512f), so the scalar/AVX2
+branch is tested on AVX-512 machines too; MONOJAX_REQUIRE_KERNELS turns a failed build into an error."""
 
 import functools
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +58,20 @@ def rel_err(a, b):
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def assert_same(a, b, what, tol=1e-5):
+  """NaN, +inf and -inf at the same positions of a and b (elementwise); the finite entries of a
+  within tol of b's, relative to b's largest finite entry."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape, (what, a.shape, b.shape)
+  for name, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+    ta, tb = test(a), test(b)
+    assert (ta == tb).all(), (f"{what}: {name} at {int(ta.sum())} vs {int(tb.sum())} entries, differing at "
+                              f"{np.argwhere(ta != tb)[:4].tolist()}")
+  fin = np.isfinite(b)
+  if fin.any():
+    assert rel_err(a[fin], b[fin]) <= tol, (what, rel_err(a[fin], b[fin]))
+
+
 # (state, MAX_DENSITY): the heavy-tailed state takes the kernel; a state with b_e = 0 fires about
 # half of all features and takes the dense formulas; each is also forced down the other branch.
 CASES = [("sparse", None), ("sparse", -1.0), ("dense", None), ("dense", 1.0)]
@@ -90,9 +111,65 @@ def test_matches_dense_value_and_grad(kernels, monkeypatch, name, state, max_den
   assert rel_err(a_s["x_hat"], a_d["x_hat"]) <= 1e-5
 
 
+# Non-finite inputs: case -> edits (array, index, value). x rows 5 and 7 are ordinary rows, 57 a
+# heavy one; W_e's entry (4, 10) makes feature 10's column non-finite; W_d's row 3 (member 1).
+# "W_e_inf_all_rows": x[:, 4] > 0, so feature 10 is +inf on every row and ∂L/∂x̂ is ±inf with no
+# NaN (where f·inf stays ±inf but 0·inf is NaN).
+NONFINITE = {
+    "x_nan": [("x", (5, 3), np.nan)],
+    "x_heavy_nan": [("x", (57, 0), np.nan)],
+    "x_inf": [("x", (7, 2), np.inf)],
+    "x_neg_inf": [("x", (7, 2), -np.inf)],
+    "W_e_nan": [("W_e", (0, 4, 10), np.nan)],
+    "W_e_inf": [("W_e", (1, 4, 10), np.inf)],
+    "W_e_inf_all_rows": [("x", (slice(None), 4), 1.0), ("W_e", (1, 4, 10), np.inf)],
+    "b_e_nan": [("b_e", (0, 10), np.nan)],
+    "W_d_nan": [("W_d", (1, 3, 0), np.nan)],
+}
+
+
+@pytest.mark.parametrize("name", ["2023", "2024"])
+@pytest.mark.parametrize("max_density", [1.0, -1.0], ids=["kernel", "dense_formulas"])
+def test_nonfinite_inputs_match_dense(kernels, monkeypatch, name, max_density):
+  """A NaN or inf in x, W_e, b_e or W_d: every output of sparse.value_and_grad (loss, recon,
+  sparsity, x̂, f, fired counts, column sums, each gradient) is NaN, +inf, -inf exactly where
+  autodiff of recipe.loss's is, and equal elsewhere; on the kernel branch (MAX_DENSITY 1: always)
+  and on the dense-formula branch (MAX_DENSITY -1: never the kernel)."""
+  monkeypatch.setattr(sparse_update, "MAX_DENSITY", max_density)
+  rec, cfg, dead = recipes.get(name), sae_config(), jnp.zeros(M, bool)
+  lam = {"2023": 0.004, "2024": 5.0}[name]
+  run = lambda fn: jax.jit(jax.vmap(fn, in_axes=(0, None, 0)))  # noqa: E731
+  dense = run(jax.value_and_grad(lambda p, x, l: rec.loss(cfg, p, x, l, dead), has_aux=True))
+  ours = run(lambda p, x, l: sparse.value_and_grad(rec, cfg, p, x, l, dead))
+  lams = jnp.asarray([lam, 2 * lam], jnp.float32)
+  failures = []
+  for case, edits in NONFINITE.items():
+    ps = jax.tree.map(lambda a, b: np.stack([a, b]), params(0), params(1))
+    x = acts(1)
+    for where, index, value in edits:
+      (x if where == "x" else ps[where])[index] = value
+    (l_d, a_d), g_d = dense(ps, x, lams)
+    (l_s, a_s), g_s = ours(ps, x, lams)
+    assert not np.isfinite(l_d).all(), case  # the case is what we meant: the dense loss shows it
+    try:
+      assert_same(l_s, l_d, f"{case} loss")
+      for k in ("recon", "sparsity", "aux_k", "x_hat", "f"):
+        assert_same(a_s[k], a_d[k], f"{case} {k}")
+      for k in g_d:
+        assert_same(g_s[k], g_d[k], f"{case} grad {k}")
+      # Fired means f > 0, as core's dense path counts it: a NaN activation did not fire.
+      fired = (np.asarray(a_d["f"]) > 0).sum(1)
+      assert (np.asarray(a_s["fired_count"]) == fired).all(), f"{case} fired_count"
+      assert_same(a_s["f_colsum"], np.asarray(a_d["f"]).sum(1), f"{case} f_colsum")
+    except AssertionError as e:
+      failures.append(str(e).splitlines()[0])
+  assert not failures, "\n".join(failures)
+
+
 def _core_setup(mode):
   c = sae_config()
   c.saes = f"{M}:0.004:2023,{M}:0.01:2023,{M}::2024"
+  c.normalize_inputs = False  # the 2023 members on raw activations: the heavy-tailed params below are built for them
   c.lr = c.lr_2024 = 1e-3
   c.sparse_update = mode
   groups = tuple(core.groups_from_config(c))
@@ -112,7 +189,8 @@ def _jaxpr(mode) -> str:
   return str(jax.make_jaxpr(functools.partial(core.update, c, groups, T))(state, acts(), jax.random.key(0)))
 
 
-def _train(mode, n=3, mesh=None):
+def _train(mode, n=3, mesh=None, edit=None):
+  """n steps of core.update; edit(i, x, state) may change step i's batch and state in place."""
   c, groups, state = _core_setup(mode)
   step = core.make_update_fn(c, groups, T, donate=False)
   if mesh is not None:
@@ -120,6 +198,9 @@ def _train(mode, n=3, mesh=None):
   ms = []
   for i in range(n):
     x = acts(3 + i)
+    if edit is not None:
+      state = jax.tree.map(np.array, state)
+      edit(i, x, state)
     if mesh is not None:
       x = jax.device_put(x, NamedSharding(mesh, P("data")))
     state, m = step(state, x, jax.random.key(i))
@@ -163,8 +244,42 @@ def test_sharded_core_update(kernels, dense_run):
   _assert_states_close(_train("on", mesh=mesh), dense_run)
 
 
+def _edit_x(value):
+  def edit(i, x, state):
+    if i == 1:
+      x[5, 3] = value
+  return edit
+
+
+def _edit_w_e_nan(i, x, state):
+  if i == 0:
+    state["groups"][f"g0_2023_w{M}_s0_1"]["params"]["W_e"][0, 4, 10] = np.nan
+
+
+@pytest.mark.parametrize("edit", [_edit_x(np.nan), _edit_x(np.inf), _edit_w_e_nan], ids=["x_nan", "x_inf", "W_e_nan"])
+def test_core_update_nonfinite_sparse_equals_dense(kernels, edit):
+  """3 steps of core.update, sparse_update on vs off, with a NaN or inf entering at a step: every
+  metric and parameter is NaN (±inf) at the same places, firing statistics are equal (a NaN
+  activation did not fire), the rest as close as test_core_update_sparse_equals_dense's."""
+  (sa, ma), (sb, mb) = _train("on", edit=edit), _train("off", edit=edit)
+  assert any(not np.isfinite(m["loss"]).all() for m in mb)  # the case is what we meant
+  for i, (x, y) in enumerate(zip(ma, mb)):
+    for k in y:
+      assert_same(x[k], y[k], f"step {i} metric {k}", tol=2e-5)
+  for gkey in sb["groups"]:
+    ga, gb = sa["groups"][gkey], sb["groups"][gkey]
+    for k in ("last_fired", "fired_count"):
+      np.testing.assert_array_equal(ga[k], gb[k], err_msg=f"{gkey} {k}")
+    for k in gb["params"]:
+      a, b = np.asarray(ga["params"][k]), np.asarray(gb["params"][k])
+      assert (np.isnan(a) == np.isnan(b)).all(), (gkey, k, int(np.isnan(a).sum()), int(np.isnan(b).sum()))
+      fin = np.isfinite(b)
+      np.testing.assert_allclose(a[fin], b[fin], rtol=0, atol=2e-4, err_msg=f"{gkey} {k}")
+
+
 def test_fallback_without_kernels(monkeypatch):
   # No compiler: available() says False with one warning, and nothing is built.
+  monkeypatch.delenv("MONOJAX_REQUIRE_KERNELS", raising=False)  # CI sets it; this is the fallback
   warnings = []
   monkeypatch.setattr(build, "_compiler", lambda: None)
   monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
@@ -176,3 +291,52 @@ def test_fallback_without_kernels(monkeypatch):
     _jaxpr("on")
   _, ms = _train("auto", n=2)
   assert all(np.isfinite(m["loss"]).all() for m in ms) and (ms[1]["loss"] < ms[0]["loss"]).any()
+
+
+def test_required_kernels_fail_loudly(monkeypatch):
+  """MONOJAX_REQUIRE_KERNELS=1: no compiler (or a failed build) raises instead of falling back."""
+  monkeypatch.setattr(build, "_compiler", lambda: None)
+  monkeypatch.setattr(build, "_REQUIRED_FAILURE", None)
+  monkeypatch.setenv("MONOJAX_REQUIRE_KERNELS", "1")
+  with pytest.raises(RuntimeError, match="MONOJAX_REQUIRE_KERNELS"):
+    build.available.__wrapped__()
+  monkeypatch.setenv("MONOJAX_REQUIRE_KERNELS", "0")
+  monkeypatch.setattr(build, "_REQUIRED_FAILURE", None)
+  monkeypatch.setattr(logging, "warning", lambda msg, *a: None)
+  assert build.available.__wrapped__() is False
+
+
+def test_variant_flags_have_their_own_cache_entry(monkeypatch):
+  monkeypatch.delenv("MONOJAX_KERNEL_FLAGS", raising=False)
+  native = build.library_path("g++")
+  monkeypatch.setenv("MONOJAX_KERNEL_FLAGS", "-mno-avx512f")
+  assert build.flags()[-1] == "-mno-avx512f" and build.library_path("g++") != native
+
+
+# The kernel-level tests above, again in a subprocess on the variant build (core.update calls the
+# same kernel: its tests are left to the main run).
+KERNEL_TESTS = "test_matches_dense_value_and_grad or test_nonfinite_inputs_match_dense or test_compiled_isa"
+
+
+def test_compiled_isa(kernels):
+  """Which branch the loaded library has: without MONOJAX_KERNEL_FLAGS the kernel's AVX-512 code
+  exactly when this CPU has AVX-512 (-march=native); with -mno-avx512f never."""
+  isa = build.compiled_isa()[build.SAE_TARGET]
+  if "-mno-avx512f" in build.extra_flags():
+    assert "avx512f" not in isa
+  elif not build.extra_flags():
+    assert ("avx512f" in isa) == ("avx512f" in build._cpu_flags().split())
+
+
+@pytest.mark.skipif(bool(os.environ.get("MONOJAX_KERNEL_FLAGS")), reason="already the variant")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
+def test_kernel_tests_without_avx512(kernels):
+  """The kernel tests again on a build with -mno-avx512f (its own cache entry; the scalar and AVX2
+  code, which an AVX-512 machine otherwise never runs), in a subprocess: the FFI targets are
+  registered once per process. The variant must build (MONOJAX_REQUIRE_KERNELS=1)."""
+  env = dict(os.environ, MONOJAX_KERNEL_FLAGS="-mno-avx512f", MONOJAX_REQUIRE_KERNELS="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                         KERNEL_TESTS], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+  assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-1000:]

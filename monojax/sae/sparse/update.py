@@ -25,6 +25,18 @@ encoder GEMM is shared). The predicate must not be batched (vmap turns a batched
 branches), so this function has its own vmap rule: stacked members (core vmaps over them) share one
 decision, and go through the custom call as one call looping over the leading axis.
 
+Non-finite values (NaN/inf in x, W_e, b_e, b_d, λ) give the outputs autodiff of Recipe.loss
+gives, NaN for NaN, whichever branch runs (tests/sae/test_sparse.py compares every output
+elementwise): the kernel lists NaN pre-activations with f = NaN and relu'(NaN) = 0, counts only
+f > 0 as fired (as core's dense path does), and adds the NaN that the dense GEMMs get from
+multiplying unlisted features by a non-finite row (kernels/sae_sparse.cc has the details). The
+density probe counts NaN entries as active (they are listed work), so an all-NaN batch runs dense.
+What the kernel assumes instead of testing it: a finite W_d (the dense x̂ = f W_d multiplies every
+row of W_d, active or not) — a non-finite W_d sends the step to the dense formulas (2024: from the
+norms it computes anyway; 2023: a matrix-vector product over W_d). The 2023 forward's
+`(b_d − sg(b_d)) W_e` term is 0 for finite values but NaN in a column of W_e holding a NaN or inf,
+so it is kept here too (one matrix-vector product over W_e, ~0.1 % of the step).
+
 Under a mesh, XLA's partitioner all-gathers the custom call's operands and runs it on every
 device: correct, and the encoder GEMM and Adam stay sharded, but the kernel's work is repeated
 per device (the default CPU setup has one device; a sharded kernel would need x̂ summed over
@@ -104,8 +116,14 @@ def _stacked(form, params, x, l1_coef, x_batched=False):
     xw = jax.vmap(jnp.matmul, in_axes=(None, 0))(x, W_e)
   else:
     xw = jax.vmap(jnp.matmul)(xe, W_e)
+  if pre_bias:  # Recipe.forward's `b_e − (b_d − sg(b_d)) W_e`: b_e bit for bit, unless W_e or b_d is not finite
+    b_e = b_e - jnp.einsum("sd,sdm->sm", b_d - jax.lax.stop_gradient(b_d), W_e)
   probe = xw[:, :: max(1, B // PROBE_ROWS)] + b_e[:, None]
-  sparse_enough = (probe > 0).mean() <= MAX_DENSITY
+  sparse_enough = jnp.logical_not(probe <= 0).mean() <= MAX_DENSITY  # NaN counts: the kernel lists it
+  # The kernel skips the decoder rows of inactive features, whose 0 · W_d,i the dense x̂ adds (NaN
+  # for a non-finite W_d): such a W_d takes the dense formulas.
+  wd_finite = jnp.isfinite(norms).all() if norm_weighted_l1 else jnp.isfinite(
+      jnp.einsum("sm,smd->sd", jnp.zeros_like(b_e), W_d)).all()
 
   def sparse(xw):
     return _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c)
@@ -119,7 +137,7 @@ def _stacked(form, params, x, l1_coef, x_batched=False):
     return (x_hat, jnp.einsum("sbm,sbd->smd", f, g), jnp.einsum("sbd,sbm->sdm", xe, df), df.sum(1), f.sum(1),
             (pre > 0).sum(1, dtype=jnp.int32))
 
-  x_hat, dW_d, dW_e, db_e, colsum, count = jax.lax.cond(sparse_enough, sparse, dense, xw)
+  x_hat, dW_d, dW_e, db_e, colsum, count = jax.lax.cond(sparse_enough & wd_finite, sparse, dense, xw)
   sq = jnp.square(xs - x_hat)
   db_d = c * (x_hat - xs).sum(1)
   recon = sq.mean((1, 2)) if mean_over_dims else sq.sum(-1).mean(-1)
