@@ -133,7 +133,8 @@ def test_several_groups_and_recipes_are_in_the_catalogue(runs):
   assert run.saes[0].group == run.saes[1].group != run.saes[2].group  # the λ sweep is one stacked group
   assert {s.member for s in run.saes[:2]} == {0, 1}
   scale = float(runs["cotrain"].state["sae"]["input_scale"])
-  assert [run.input_scale(s) for s in run.saes] == [1.0, 1.0, scale, scale] and scale != 1.0
+  # every SAE here trains on scaled inputs (the 2023 ones through sae.normalize_inputs, the default)
+  assert [run.input_scale(s) for s in run.saes] == [scale] * 4 and scale != 1.0 and all(s.scaled for s in run.saes)
   assert "sae3 [48 topk l1=0] layer 0" in repr(run)
 
 
