@@ -27,10 +27,12 @@ FORMAT = 1  # the meta record's layout; a newer one is refused by an older monoj
 
 
 class _NoReadOnlyNotice(logging.Filter):
-  """Orbax warns on every read-only manager it makes; reading a run is not worth a warning."""
+  """Orbax warns about every read-only manager it makes (and the options it then drops); reading a
+  run is not worth a warning."""
 
   def filter(self, record):
-    return "Given directory is read only" not in record.getMessage()
+    message = record.getMessage()
+    return "Given directory is read only" not in message and "CheckpointManagerOptions.read_only=True" not in message
 
 
 logging.getLogger("absl").addFilter(_NoReadOnlyNotice())
