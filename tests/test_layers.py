@@ -19,8 +19,9 @@ LAYERS = [
     ("config", "config_rules"),
     ("checkpoint",),
     ("run",),
+    ("analysis",),
     ("train",),
-    ("main",),
+    ("main", "analyze"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
