@@ -18,6 +18,8 @@ def base_config() -> config_dict.ConfigDict:
   d.path = "default"               # dir with Pile-style shards, or "default": the built-in corpus (built if absent)
   d.train_files = "train/*.jsonl.zst"  # glob under data.path (absolute paths and gs:// also work)
   d.val_files = "val/*.jsonl.zst"  # held-out split, same format (the Pile's val.jsonl.zst works too)
+  d.analysis_files = "analysis/*.jsonl.zst"  # documents never trained or evaluated on, read by the feature-
+                                   # analysis pass (python -m monojax.analyze); for the Pile, its test shards
   d.format = "raw"                 # "raw": tokenize shards on the fly; "tfds": pre-packed array_record windows
   d.tokenizer = "gpt-neox-20b"     # vendored Pile tokenizer | "bpe:<vocab>" (trained on the corpus) | path
   d.seq_len = 256                  # context length; windows hold seq_len + 1 tokens (inputs and targets)
@@ -91,6 +93,11 @@ def base_config() -> config_dict.ConfigDict:
   m.shape = (-1, 1)                # (data, model); -1 takes the remaining devices
   m.axes = ("data", "model")
 
+  an = c.analysis = config_dict.ConfigDict()
+  an.tokens = 1_000_000            # after a co-training run: tokens of the corpus's analysis split run through the
+                                   # LM and SAEs (the feature database RUN/analysis, RUN/report.md, preview.md, as
+                                   # python -m monojax.analyze writes them); 0 = only the quick preview of the val split
+
   c.preview_batches = 20           # batches pulled to measure pipeline throughput at start (0 = skip)
   return c
 
@@ -102,15 +109,16 @@ _READS_VERSIONS = (1, 2)
 # Fields added after runs were written with this layout: what an older config.json means by their
 # absence (the behaviour of the monojax that wrote it).
 ADDED_FIELDS = {"sae.normalize_inputs": False, "sae.min_ablation_gap": 0.01, "sae.alarm_dead_frac": 0.9,
-                "data.max_line_bytes": 64 << 20}
+                "data.max_line_bytes": 64 << 20, "data.analysis_files": "analysis/*.jsonl.zst",
+                "analysis.tokens": 0}
 # What a resumed run may change: cadence, logging, performance switches and the machine it runs on.
 # Every other field changes the state or the data stream: a resume with it changed is refused.
 RESUMABLE = ("name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
              "train.keep_checkpoints", "train.async_checkpoints", "train.debug_step_delay_s", "train.inject_nan_step",
              "train.peak_flops", "train.ce_kernel", "sae.sparse_update", "preview_batches", "data.count_tokens",
              "data.count_tokens_mb_per_file", "data.num_threads", "data.prefetch", "data.workers",
-             "data.device_prefetch", "data.index_dir", "data.tfds_dir", "distributed.", "mesh.",
-             "sae.min_ablation_gap", "sae.alarm_dead_frac")
+             "data.device_prefetch", "data.analysis_files", "data.index_dir", "data.tfds_dir", "distributed.", "mesh.",
+             "sae.min_ablation_gap", "sae.alarm_dead_frac", "analysis.")
 _DERIVED = ("config_version", "model.vocab_size")  # written by the job itself
 
 
@@ -164,6 +172,9 @@ def _merge(base, saved: dict, path: str, prefix: str) -> config_dict.ConfigDict:
     name = f"{prefix}{key}"
     if key not in saved:
       if key == "config_version":
+        continue
+      if isinstance(base[key], config_dict.ConfigDict) and any(f.startswith(name + ".") for f in ADDED_FIELDS):
+        out[key] = _merge(base[key], {}, path, name + ".")  # a section added since: its fields' defaults
         continue
       if name in ADDED_FIELDS:
         out[key] = ADDED_FIELDS[name]

@@ -93,6 +93,7 @@ RANGES = {
     "sae.min_ablation_gap": (0, ANY, True, True),
     "sae.alarm_dead_frac": (0, 1, False, True),
     "preview_batches": (0, ANY, True, True),
+    "analysis.tokens": (0, ANY, True, True),
     "toy.n_features": (1, ANY, True, True),
     "toy.d": (1, ANY, True, True),
     "toy.p_active": (0, 1, False, True),

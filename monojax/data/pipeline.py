@@ -24,7 +24,7 @@ from monojax.data import sources, tokenizer as tokenizer_lib
 from monojax import errors
 
 def corpus_root(data_cfg) -> str:
-  """The directory holding train/ and val/ shards. The default corpus is built by the job's setup
+  """The directory holding train/, val/ (and analysis/) shards. The default corpus is built by the job's setup
   (`monojax.corpus.build_corpus.ensure_data_root`), not here: reading data never builds it."""
   if data_cfg.path == "default":
     root = os.path.expanduser(sources.DEFAULT_CORPUS_DIR)
@@ -118,7 +118,6 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
   """
   repeat = (split == "train") if repeat is None else repeat
   shuffle = repeat if shuffle is None else shuffle
-  window = data_cfg.seq_len + 1
   read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
   if data_cfg.format == "raw":
     ds = grain.MapDataset.source(text_source(data_cfg, root, split, log))
@@ -126,11 +125,7 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
       ds = ds.shuffle(seed=seed)
     if repeat:
       ds = ds.repeat(None)
-    ds = ds[process_index::process_count]
-    ds = ds.batch(data_cfg.tokenize_batch_docs, drop_remainder=False).map(_EncodeDocs(tokenizer))
-    it = ds.to_iter_dataset(read)
-    it = _TupleSlicesOnRestore(gx.ConcatThenSplitIterDataset(it, length_struct={"tokens": window}))
-    it = it.filter(_is_full_window).map(_only_tokens)
+    it = _pack(ds[process_index::process_count], data_cfg, tokenizer, read)
     if shuffle and data_cfg.shuffle_windows > 1:
       # Packing puts a long document's windows next to each other (a 32k-character document is
       # ~80 windows of 129): without this a batch of 32 holds 1-3 documents, the gradient is noisy
@@ -153,6 +148,15 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
   if data_cfg.workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
   return it
+
+
+def _pack(docs: grain.MapDataset, data_cfg, tokenizer: tokenizer_lib.TextTokenizer,
+          read: grain.ReadOptions) -> grain.IterDataset:
+  """Documents → tokens (batched, EOS after each) → full windows of seq_len + 1 tokens, in order."""
+  ds = docs.batch(data_cfg.tokenize_batch_docs, drop_remainder=False).map(_EncodeDocs(tokenizer))
+  it = _TupleSlicesOnRestore(gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(read),
+                                                            length_struct={"tokens": data_cfg.seq_len + 1}))
+  return it.filter(_is_full_window).map(_only_tokens)
 
 
 class _TupleSlicesOnRestore(grain.IterDataset):
@@ -216,3 +220,91 @@ def host_batch_size(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
     raise errors.ConfigError(f"data.global_batch={global_batch} must be divisible by the number of processes ({process_count})")
   return global_batch // process_count
+
+
+# ------------------------------------------------------------------------------------------------
+# The analysis split (data.analysis_files): documents never trained or evaluated on
+
+ANALYSIS_SEED = 0  # the fixed document order of the analysis split (not data.seed: no run changes it)
+
+
+def _analysis_host_batches(data_cfg, tokenizer: tokenizer_lib.TextTokenizer, root: str, host_batch: int,
+                           process_index: int, process_count: int, log=logging.info,
+                           split: str = sources.ANALYSIS) -> grain.IterDataset:
+  """This host's batches of `split` (the analysis split unless told), read once: documents in a fixed seeded order (so any prefix
+  samples every set: the shards are ordered by set), this host's every process_count-th document,
+  packed exactly as evaluation packs (EOS between documents, full windows only), no window shuffle.
+  Always the raw reader (format="tfds" packs only train and val)."""
+  read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
+  ds = grain.MapDataset.source(text_source(data_cfg, root, split, log)).shuffle(seed=ANALYSIS_SEED)
+  it = _pack(ds[process_index::process_count], data_cfg, tokenizer, read)
+  return it.batch(host_batch, drop_remainder=True).map(_to_int32_batch)
+
+
+def analysis_batches(cfg, tokenizer: tokenizer_lib.TextTokenizer, root: str, mesh, *, split: str = sources.ANALYSIS,
+                     batch_size: int | None = None, start_batch: int = 0, n_batches: int | None = None,
+                     log=logging.info):
+  """Global batches {"tokens": int32[batch_size, seq_len + 1]} (sharded on the mesh's "data" axis) of
+  the analysis split (data.analysis_files under root; `split` may name "val" or "train" instead, read
+  the same way, once, repeats included) in one fixed order: batch k is the same on every call for
+  the same shards, tokenizer, seq_len, batch_size and process count, whatever the other data.*
+  fields. batch_size defaults to data.global_batch; each process reads its share of the documents.
+
+  Starts at batch `start_batch` (for resume: the earlier batches are read and tokenized on the
+  host, never sent to a device; about 1 M tokens/s) and yields at most n_batches (None: until the
+  split is exhausted). The iteration ends cleanly when the split runs out; with several processes
+  they agree each batch on whether all still have one, so every process stops at the same batch.
+  `split_token_estimate` tells beforehand about how many tokens there are."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  batch_size = cfg.data.global_batch if batch_size is None else int(batch_size)
+  if batch_size < 1 or start_batch < 0 or n_batches is not None and n_batches < 0:
+    raise errors.ConfigError(f"analysis batches: expected batch_size ≥ 1, start_batch ≥ 0, n_batches ≥ 0 or None; "
+                             f"got {batch_size}, {start_batch}, {n_batches}")
+  n_proc = jax.process_count()
+  it = iter(_analysis_host_batches(cfg.data, tokenizer, root, host_batch_size(batch_size, n_proc),
+                                   jax.process_index(), n_proc, log, split))
+  put = _ToGlobal(NamedSharding(mesh, P("data")))
+  stop = start_batch + n_batches if n_batches is not None else None
+  n = 0
+  while stop is None or n < stop:
+    batch = next(it, None)
+    if n_proc > 1:
+      from jax.experimental import multihost_utils
+      if not np.all(multihost_utils.process_allgather(np.int32(batch is not None))):
+        return
+    elif batch is None:
+      return
+    if n >= start_batch:
+      yield put(batch)
+    n += 1
+
+
+def analysis_source(cfg, root: str, split: str = sources.ANALYSIS, log=logging.info) -> dict:
+  """What `analysis_batches` reads, as plain JSON for a record of the pass: split, its flag and
+  pattern, the shards (relative to root where under it), documents, bytes, the order."""
+  src = text_source(cfg.data, root, split, log)
+  base = os.path.join(os.path.expanduser(root), "")
+  flag = sources.SPLIT_FLAGS[split]
+  return {"split": split, "flag": flag, "pattern": getattr(cfg.data, flag.split(".", 1)[1]), "root": root,
+          "files": [f[len(base):] if f.startswith(base) else f for f in src.files], "documents": len(src),
+          "bytes": int(src.info["bytes"]), "order": f"documents shuffled with seed {ANALYSIS_SEED}, read once"}
+
+
+def split_token_estimate(data_cfg, tokenizer: tokenizer_lib.TextTokenizer, root: str, split: str = sources.ANALYSIS,
+                         sample_mb: float = 16, log=logging.info) -> dict:
+  """{"documents", "bytes", "tokens", "estimated"} of one split: tokens as packing reads them (EOS
+  after each document included). Splits of at most sample_mb MB are tokenized in full (exact; the
+  default analysis split is ~4 MB, a few seconds); larger ones from documents spread over the split,
+  extrapolated by bytes ("estimated": True). Full windows are about tokens // (seq_len + 1)."""
+  src = text_source(data_cfg, root, split, log)
+  sizes = np.diff(np.asarray(src.offsets))
+  docs = _spread_sample(src, int(sample_mb * 2**20))
+  tokens, step = 0, max(1, int(data_cfg.tokenize_batch_docs))
+  for i in range(0, len(docs), step):
+    tokens += int(tokenizer.encode_documents([src[d] for d in docs[i:i + step]]).size)
+  total, sampled = int(sizes.sum()), int(sizes[docs].sum()) if docs else 0
+  estimated = len(docs) < len(src)
+  if estimated and sampled:
+    tokens = round(tokens * total / sampled)
+  return {"documents": len(src), "bytes": total, "tokens": tokens, "estimated": estimated}

@@ -26,8 +26,13 @@ from monojax.data import pile_io
 from monojax import errors
 
 DEFAULT_INDEX_DIR = "~/.cache/monojax/text_index"
-DEFAULT_CORPUS_DIR = "~/.cache/monojax/corpus/debmix-v1"  # data.path="default" (built by monojax.corpus)
-SPLITS = ("train", "val")
+# data.path="default" (built by monojax.corpus). v2 added analysis/: a machine holding only a v1
+# corpus builds v2 beside it on first use.
+DEFAULT_CORPUS_DIR = "~/.cache/monojax/corpus/debmix-v2"
+SPLITS = ("train", "val")  # the splits a training job reads (token counts at start, format="tfds" packing)
+ANALYSIS = "analysis"      # documents never trained or evaluated on: the feature-analysis pass reads them
+ALL_SPLITS = SPLITS + (ANALYSIS,)
+SPLIT_FLAGS = {"train": "data.train_files", "val": "data.val_files", ANALYSIS: "data.analysis_files"}
 
 
 def resolve_files(pattern: str, base: str | None = None) -> list[str]:
@@ -47,15 +52,19 @@ def resolve_files(pattern: str, base: str | None = None) -> list[str]:
 
 
 def split_files(data_cfg, root: str, split: str) -> list[str]:
-  """The shards of one split (data.train_files / data.val_files under `root`); an error naming the
-  flag when none match."""
-  if split not in SPLITS:
-    raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}")
-  pattern = data_cfg.train_files if split == "train" else data_cfg.val_files
+  """The shards of one split (data.train_files / data.val_files / data.analysis_files under `root`);
+  an error naming the flag when none match."""
+  if split not in ALL_SPLITS:
+    raise errors.ConfigError(f"split must be one of {ALL_SPLITS}, got {split!r}")
+  flag = SPLIT_FLAGS[split]
+  pattern = getattr(data_cfg, flag.split(".", 1)[1])
   files = resolve_files(pattern, root)
   if not files:
-    flag = "data.train_files" if split == "train" else "data.val_files"
-    raise errors.MissingInputError(f"{flag}: no files match {pattern!r} under {root}")
+    hint = ""
+    if split == ANALYSIS:
+      hint = (" (corpora built before the analysis split have none: rebuild with monojax.corpus.build_corpus, or "
+              "point data.analysis_files at held-out shards never trained on, e.g. the Pile's test shards)")
+    raise errors.MissingInputError(f"{flag}: no files match {pattern!r} under {root}{hint}")
   return files
 
 
@@ -75,7 +84,8 @@ class JsonlZstSource:
   def __init__(self, files: Sequence[str], *, on_error: str = "raise", index_dir: str = DEFAULT_INDEX_DIR,
                log=logging.info, max_line_bytes: int = pile_io.MAX_LINE_BYTES):
     if not files:
-      raise errors.MissingInputError("data: no *.jsonl.zst files matched (check data.path / data.train_files / data.val_files)")
+      raise errors.MissingInputError("data: no *.jsonl.zst files matched (check data.path / data.train_files / data.val_files / "
+                                     "data.analysis_files)")
     if on_error not in pile_io.ON_ERROR_CHOICES:
       raise errors.ConfigError(f"data.on_error must be one of {pile_io.ON_ERROR_CHOICES}, got {on_error!r}")
     self.files = list(files)

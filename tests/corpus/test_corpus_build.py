@@ -379,7 +379,7 @@ def test_build_end_to_end(tmp_path, offline):
   assert any("skipped package not-in-cache" in l for l in logs)
   assert any("skipped 1 sources whose packages are missing: needs-network" in l for l in logs)
   assert any(l.strip().startswith("fortunes-en") and "docs" in l and "MB" in l for l in logs)
-  assert sorted(p.name for p in out.iterdir()) == ["LICENSES.md", "manifest.json", "train", "val"]
+  assert sorted(p.name for p in out.iterdir()) == ["LICENSES.md", "analysis", "manifest.json", "train", "val"]
   assert not list(tmp_path.glob("corpus.tmp-*"))
   assert json.loads((out / "manifest.json").read_text()) == manifest
   assert manifest["complete"] and manifest["tier"] == "full" and "tokens" not in json.dumps(manifest["sets"])
@@ -710,7 +710,7 @@ def test_what_counts_as_a_corpus_monojax_wrote(tmp_path, offline):
   out = tmp_path / "corpus"
   manifest = bc.build(out, cache, sources=_test_sources()[:2], log=lambda _: None, workers=1)
   assert bc.written_by_monojax(out)
-  legacy = {k: v for k, v in manifest.items() if k != "builder"}  # built before "builder" existed
+  legacy = {k: v for k, v in manifest.items() if k in bc.MANIFEST_KEYS}  # built before "builder" existed
   (out / "manifest.json").write_text(json.dumps(legacy))
   assert bc.written_by_monojax(out)
   for bad in ({**legacy, "extra": 1}, {**manifest, "builder": "someone else"}, [manifest], {"format": bc.FORMAT}):
@@ -725,3 +725,86 @@ def test_what_counts_as_a_corpus_monojax_wrote(tmp_path, offline):
   (tmp_path / "empty.tmp-notapid").mkdir()  # not a temp folder this builder names: kept
   bc.build(empty, cache, sources=_test_sources()[:2], log=lambda _: None, workers=1)  # an empty --out is fine
   assert bc.load_complete_manifest(empty) is not None and (tmp_path / "empty.tmp-notapid").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# The analysis split
+
+
+def _old_split_val(docs):
+  """split_val as it was before the analysis split existed (the val rule it must not change)."""
+  train, val = [], []
+  for d in docs:
+    (val if int.from_bytes(tc.text_hash(d[0])[:8], "big") % 100 < 1 else train).append(d)
+  if not val and len(train) >= 2:
+    val.append(train.pop(min(range(len(train)), key=lambda i: int.from_bytes(tc.text_hash(train[i][0])[:8], "big"))))
+  return train, val
+
+
+def _docs(n, seed=0):
+  rng = random.Random(seed)
+  return [(f"document {i}: " + " ".join(rng.choice("abcdefgh") for _ in range(30)), {"id": str(i)})
+          for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 40, 3000])
+def test_analysis_split_keeps_val_and_takes_a_disjoint_hash_range(n):
+  docs = _docs(n)
+  train, val, analysis = bc.split_analysis(docs)
+  old_train, old_val = _old_split_val(docs)
+  assert val == old_val  # the very same val documents, in the same order
+  assert set(map(str, train)) | set(map(str, analysis)) == set(map(str, old_train))
+  assert not set(map(str, train)) & set(map(str, analysis))
+  assert train == [d for d in old_train if d not in analysis] and analysis == [d for d in old_train if d in analysis]
+  if len(old_train) >= 3:
+    assert analysis  # at least one, even in a small set
+  if n == 3000:  # ~ANALYSIS_PERCENT% by the hash range next to val's
+    assert 0.02 * n < len(analysis) < 0.04 * n
+    assert bc.split_analysis(list(reversed(docs)))[2] == list(reversed(analysis))  # chosen by text, not position
+    for t, _ in analysis:
+      assert bc.VAL_PERCENT <= bc._hash_int(t) % 100 < bc.VAL_PERCENT + bc.ANALYSIS_PERCENT
+
+
+def test_build_writes_an_analysis_split_never_trained_or_evaluated_on(tmp_path, offline):
+  cache = _fake_cache(tmp_path / "cache")
+  out = tmp_path / "corpus"
+  manifest = bc.build(out, cache, sources=_test_sources(), log=lambda _: None, workers=1)
+  assert manifest["analysis_percent"] == bc.ANALYSIS_PERCENT and manifest["val_percent"] == bc.VAL_PERCENT
+  totals = {"documents": 0, "bytes": 0}
+  for name, info in manifest["sets"].items():
+    read = lambda split: [r for s in info[split]["shards"] for _, r in pile_io.read_records(out / s["path"])]
+    train, val, analysis = read("train"), read("val"), read("analysis")
+    assert [s["path"] for s in info["analysis"]["shards"]] == [f"analysis/{bc.set_slug(name)}.jsonl.zst"]
+    assert len(analysis) == info["analysis"]["documents"] >= 1
+    assert info["analysis"]["bytes"] == sum(len(r["text"].encode()) for r in analysis)
+    texts = {split: {r["text"] for r in recs} for split, recs in
+             (("train", train), ("val", val), ("analysis", analysis))}
+    assert len(texts["analysis"]) == len(analysis)  # never repeated, even in an upsampled set
+    assert not texts["analysis"] & texts["train"] and not texts["analysis"] & texts["val"]
+    assert all(r["meta"]["pile_set_name"] == name for r in analysis)
+    # val is what the old rule picks from the set's documents; train lost the analysis documents
+    everything = [(r["text"], r["meta"]) for r in train[:info["unique_train"]["documents"]] + val + analysis]
+    assert {t for t, _ in _old_split_val(everything)[1]} == texts["val"]
+    assert info["unique_train"]["documents"] == len(texts["train"])
+    for k in totals:
+      totals[k] += info["analysis"][k]
+  assert manifest["totals"]["analysis"] == totals
+  assert bc.load_complete_manifest(out) == manifest and bc.written_by_monojax(out)
+  assert "an. docs" in bc.summary(manifest)
+
+  # A lost analysis shard makes the corpus incomplete; a manifest from before the split (no
+  # "analysis" anywhere) is still a complete corpus, and one this builder wrote.
+  (out / manifest["sets"]["Docs: Python"]["analysis"]["shards"][0]["path"]).rename(tmp_path / "moved")
+  assert bc.load_complete_manifest(out) is None
+  old = json.loads(json.dumps(manifest))
+  del old["analysis_percent"], old["totals"]["analysis"]
+  for info in old["sets"].values():
+    del info["analysis"]
+  (out / "manifest.json").write_text(json.dumps(old))
+  assert bc.load_complete_manifest(out) == old and bc.written_by_monojax(out)
+  assert "an. docs" in bc.summary(old)
+
+
+def test_default_corpus_dir_is_v2():
+  from monojax.data import sources
+  assert sources.DEFAULT_CORPUS_DIR.endswith("/debmix-v2")  # v1 corpora have no analysis/: a fresh build
