@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--saes", default="", help="comma-separated SAE names or indices (default: all of the run's)")
   p.add_argument("--split", default="analysis", choices=("analysis", "val", "train"),
                  help="where the tokens come from (default: the corpus's analysis split, never trained on)")
+  p.add_argument("--out", default=None, help="where to write the feature database (default RUN/analysis; "
+                 "report.md is written only for the default)")
   p.add_argument("--batch_size", type=_positive_int, default=64, help="sequences per batch (default 64)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step to open (default: the newest)")
   p.add_argument("--no_proxies", action="store_true", help="skip the text proxies (specificity/sensitivity)")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
   from monojax.analysis import scan
   saes = tuple(s.strip() for s in args.saes.split(",") if s.strip()) or None
   opts = scan.Options(tokens=args.tokens, batch_size=args.batch_size, split=args.split,
-                      save_every_s=args.save_every_s, proxies=not args.no_proxies,
+                      save_every_s=args.save_every_s, proxies=not args.no_proxies, out=args.out,
                       saes=tuple(int(s) if s.isdigit() else s for s in saes) if saes else None)
   try:
     if args.compare:
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
       raise errors.UserInputError(f"--batch_size={opts.batch_size}: must be divisible by the {run.mesh.devices.size} "
                                   "devices of the data-parallel mesh")
     path = scan.run_pass(run, opts, log=logging.info)
-    if not args.no_report:
+    if not args.no_report and not args.out:
       from monojax.analysis import report
       report.write_report(run.workdir, log=logging.info)
     logging.info(f"analyze: done; database {path}")

@@ -27,12 +27,15 @@ FORMAT = 1  # the meta record's layout; a newer one is refused by an older monoj
 
 
 class _NoReadOnlyNotice(logging.Filter):
-  """Orbax warns about every read-only manager it makes (and the options it then drops); reading a
-  run is not worth a warning."""
+  """Orbax warns about every read-only manager it makes (and the options it then drops), and about
+  the items a partial restore leaves unread on purpose (the data iterator's state); reading a run
+  is not worth a warning."""
+  QUIET = ("Given directory is read only", "CheckpointManagerOptions.read_only=True",
+           'Item "data" was found in the checkpoint, but could not be restored')
 
   def filter(self, record):
     message = record.getMessage()
-    return "Given directory is read only" not in message and "CheckpointManagerOptions.read_only=True" not in message
+    return not any(q in message for q in self.QUIET)
 
 
 logging.getLogger("absl").addFilter(_NoReadOnlyNotice())

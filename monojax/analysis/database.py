@@ -42,12 +42,28 @@ def database_dir(workdir: str) -> str:
   return os.path.join(workdir, DIRNAME)
 
 
-def write(workdir: str, meta: dict, tokens: np.ndarray, units: dict[str, dict], extra: dict[str, dict] | None = None,
+def check_writable(final: str) -> None:
+  """A database folder may replace only an earlier database (or an empty folder): anything else
+  there is somebody's files, left untouched."""
+  if os.path.isdir(final) and os.listdir(final):
+    try:
+      with open(os.path.join(final, "meta.json")) as f:
+        ours = str(json.load(f).get("schema", "")).startswith("monojax-analysis/")
+    except (OSError, ValueError):
+      ours = False
+    if not ours:
+      raise errors.UserInputError(f"{final}: exists and is not a feature database; choose another --out "
+                                  "(nothing there is replaced)")
+  elif os.path.exists(final) and not os.path.isdir(final):
+    raise errors.UserInputError(f"{final}: exists and is not a folder; choose another --out")
+
+
+def write(final: str, meta: dict, tokens: np.ndarray, units: dict[str, dict], extra: dict[str, dict] | None = None,
           log=print) -> str:
   """Writes the whole database atomically: into a temporary folder, renamed over RUN/analysis (an
   older database is replaced only once the new one is complete). units: name → {array name: array,
   "proxies.json": dict}; extra: relative path → {name: array} saved as .npz."""
-  final = database_dir(workdir)
+  check_writable(final)
   tmp = f"{final}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

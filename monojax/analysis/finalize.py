@@ -121,7 +121,8 @@ def _proxy_tables(name, n, totals, label_sum, label_sq, names) -> tuple[dict, di
            "proxy_corr": corr.T.astype(np.float32)}, table)
 
 
-def write_database(run, ps, meta, tokens, totals, accs, label_sum, label_sq, *, proxies_on: bool, log) -> str:
+def write_database(run, ps, meta, tokens, totals, accs, label_sum, label_sq, *, proxies_on: bool, out: str, log) -> str:
+  db_path = out
   from monojax.analysis import proxies as proxies_lib  # noqa: PLC0415
   n = int(meta["n_tokens"])
   model = nnx.merge(run.graphdef, run.params)
@@ -172,4 +173,4 @@ def write_database(run, ps, meta, tokens, totals, accs, label_sum, label_sq, *, 
   meta = dict(meta, units=infos, proxies=[{"name": p, "description": proxies_lib.describe(p),
                                            "share": float(label_sum[i] / n)} for i, p in enumerate(names)],
               families=[f"{a}__{b}" for a, b in (k for k in ((x, y) for x in decoders for y in decoders) if k[0] != k[1])])
-  return database.write(run.workdir, meta, tokens, units, extra, log=log)
+  return database.write(db_path, meta, tokens, units, extra, log=log)

@@ -37,12 +37,13 @@ class Options:
   split: str = "analysis"
   save_every_s: float = 120.0
   proxies: bool = True
+  out: str | None = None                # the database folder (default RUN/analysis)
   flush_every: int = FLUSH_EVERY         # batches summed on device between float64 flushes (and saves)
   stop_after_batches: int | None = None  # tests: stop as if interrupted after this many batches
 
 
 def _fingerprint(run, opts: Options, saes, seq_len: int) -> str:
-  d = {"workdir": run.workdir, "step": run.step, "tokens": opts.tokens, "saes": [s.name for s in saes],
+  d = {"workdir": run.workdir, "out": opts.out, "step": run.step, "tokens": opts.tokens, "saes": [s.name for s in saes],
        "batch": opts.batch_size, "flush": opts.flush_every, "split": opts.split, "seq_len": seq_len, "proxies": opts.proxies,
        "schema": database.SCHEMA, "processes": jax.process_count(), "window": [stats.LEFT, stats.RIGHT], "hist": list(stats.HIST_LOG10)}
   return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -123,7 +124,9 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
   ps = Pass(run, saes, n_prox)
   fp = _fingerprint(run, opts, saes, seq_len)
 
-  partial = os.path.join(run.workdir, PARTIAL)
+  out = os.path.abspath(os.path.expanduser(opts.out)) if opts.out else database.database_dir(run.workdir)
+  database.check_writable(out)
+  partial = out + ".partial" if opts.out else os.path.join(run.workdir, PARTIAL)
   accs, pair_sums = ps.init()
   totals: dict = {}
   done, tokens_file_len = 0, 0
@@ -219,7 +222,7 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
           "seconds": round(time.perf_counter() - t0, 1), "window": [stats.LEFT, stats.RIGHT],
           "hist_log10": list(stats.HIST_LOG10), "layer": ps.layer}
   path = finalize.write_database(run, ps, meta, all_tokens, totals, device_accs, label_sum, label_sq,
-                                 proxies_on=bool(labeler), log=log)
+                                 proxies_on=bool(labeler), out=out, log=log)
   shutil.rmtree(partial, ignore_errors=True)
   return path
 

@@ -214,3 +214,13 @@ def test_unknown_sae_and_missing_database(analysed, workdir, tmp_path, capsys):
   assert "no SAE" in capsys.readouterr().err
   with pytest.raises(errors.MissingInputError):
     database.open_database(str(tmp_path))
+
+
+def test_out_never_replaces_foreign_files(analysed, tmp_path, capsys):
+  run, _ = analysed
+  foreign = tmp_path / "mine"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("keep me")
+  assert analyze.main([f"--workdir={run.workdir}", f"--out={foreign}", "--tokens=128", "--batch_size=8"]) == 2
+  assert "not a feature database" in capsys.readouterr().err
+  assert (foreign / "notes.txt").read_text() == "keep me" and len(os.listdir(foreign)) == 1
