@@ -27,7 +27,7 @@ if __name__ == "__main__" and "--child" not in sys.argv:  # the allocator settin
   cpu_env.reexec_with_malloc_tunables(sys.argv)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging as absl_logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a finished run with at least one SAE")
 _SIZES = flags.DEFINE_list("sizes", ["262144", "1048576"], "token counts N of the pass")
@@ -96,6 +96,7 @@ def _anchor() -> tuple[float, int]:
 
 
 def main(argv) -> None:
+  absl_logging.set_verbosity(absl_logging.WARNING)
   if _CHILD.value:
     return _child()
   if not _WORKDIR.value:
@@ -128,6 +129,11 @@ def main(argv) -> None:
         line += (f"; ratio pass / forward {r['seconds'] / forward:.2f}x (target <= 3x; the pass includes compiling "
                  "and writing the database)")
       print(line, flush=True)
+  for a, b in zip(rows, rows[1:]):  # the fixed costs (compiling, logit effects, writing) cancel
+    if a["fired"] and fired and b["n_tokens"] > a["n_tokens"]:
+      marginal = (b["seconds"] - a["seconds"]) / (b["n_tokens"] - a["n_tokens"])
+      print(f"marginal, {a['n_tokens']:,} -> {b['n_tokens']:,} tokens: {1 / marginal:,.0f} tokens/s; ratio pass / "
+            f"forward {marginal * rate:.2f}x (target <= 3x)")
   if len(rows) > 1:
     a, b = rows[0], rows[-1]
     print(f"memory: {a['maxrss_mb']:.0f} MB at {a['n_tokens']:,} tokens -> {b['maxrss_mb']:.0f} MB at "

@@ -178,10 +178,16 @@ def _sae_events(job: job_lib.Job, step: int, log) -> bool:
 
 
 def _finish(job: job_lib.Job, log) -> None:
-  """The end-of-run preview, from the run as saved (the run loader reads the final checkpoint)."""
+  """The end of a run with SAEs, from the run as saved (the run loader reads the final checkpoint):
+  with analysis.tokens > 0 and an analysis split, the analysis pass, RUN/report.md and the feature
+  preview from the database (analysis/first_look.py); else the quick preview of the val split."""
   if jax.process_count() > 1:
     log("sae: the feature preview runs in single-process jobs only; open the run on one host for it "
         "(BUILD_NOTES.md, known gaps)")
     return
+  from monojax.analysis import first_look
   from monojax.run import Run
-  preview.finish(Run.open(job.workdir, mesh=job.mesh, log=log), log)
+  run = Run.open(job.workdir, mesh=job.mesh, log=log)
+  if run.cfg.analysis.tokens > 0 and first_look.end_of_run(run, log):
+    return
+  preview.finish(run, log)
