@@ -115,6 +115,9 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
   from monojax.corpus import build_corpus
   from monojax.data import pipeline
 
+  if jax.process_count() > 1:
+    raise errors.UserInputError("analyze: the pass runs in one process; open the run on one host (BUILD_NOTES.md, "
+                                "known gaps)")
   saes = [run.sae(s) for s in opts.saes] if opts.saes else list(run.saes)
   seq_len = run.cfg.data.seq_len
   per_batch = opts.batch_size * seq_len
