@@ -55,6 +55,14 @@ def drop_closed_loop_callbacks() -> None:
     previous(unraisable)
   hook._monojax = True
   sys.unraisablehook = hook
+  # The same reads' futures, garbage-collected later, are logged by asyncio as "Task exception was
+  # never retrieved" with the tensorstore error's traceback (when depends on the collector).
+  logging.getLogger("asyncio").addFilter(_NoUnretrievedReadErrors())
+
+
+class _NoUnretrievedReadErrors(logging.Filter):
+  def filter(self, record):
+    return "exception was never retrieved" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -114,6 +122,7 @@ class Checkpointer:
     steps = self.steps()
     for i, step in enumerate(reversed(steps)):
       older = steps[-i - 2] if i + 1 < len(steps) else None
+      drop_closed_loop_callbacks()  # before the read: a failing one's callbacks can fire while it fails
       try:
         with _quiet_orbax():  # orbax logs a long dump for every unreadable file: we say it in one line
           self._check_structure(step, abstract)
@@ -122,7 +131,6 @@ class Checkpointer:
       except errors.RunFormatError:
         raise
       except Exception as e:  # noqa: BLE001 — any failure to read a step means: try the one before
-        drop_closed_loop_callbacks()
         aside = self._move_aside(step)
         self.log(f"checkpoint: step {step} in {self.directory} cannot be read ({type(e).__name__}: "
                  f"{' '.join(str(e).split())[:160]}); moved to {aside}; "

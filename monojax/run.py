@@ -80,6 +80,7 @@ class Run:
       if saes:
         abstract["sae"] = _abstract_sae(saved["sae"], saes, mesh)
       _check_shapes(ckpt, step, abstract, saved)
+      checkpoint.drop_closed_loop_callbacks()  # before the read: a failing one's callbacks can fire while it fails
       try:
         restored = ckpt.restore_parts(step, abstract)
       except Exception as e:  # noqa: BLE001 — orbax raises many types for unreadable files
