@@ -132,7 +132,7 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
   partial = out + ".partial" if opts.out else os.path.join(run.workdir, PARTIAL)
   accs, pair_sums = ps.init()
   totals: dict = {}
-  done, tokens_file_len = 0, 0
+  done = 0
   label_sum = np.zeros(n_prox)
   label_sq = np.zeros(n_prox)
   state_path = os.path.join(partial, "state.npz")
@@ -156,8 +156,7 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
     fh.truncate(tokens_file_len)
 
   root = build_corpus.ensure_data_root(run.cfg.data, log=log)
-  source = pipeline.analysis_source(run.cfg, root, opts.split) if hasattr(pipeline, "analysis_source") else {
-      "split": opts.split}
+  source = pipeline.analysis_source(run.cfg, root, opts.split)
   batches = pipeline.analysis_batches(run.cfg, run.tokenizer, root, run.mesh, split=opts.split,
                                       batch_size=opts.batch_size, start_batch=done, n_batches=n_batches - done)
 
