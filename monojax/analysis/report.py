@@ -178,7 +178,30 @@ def _density_section(db, out_dir) -> list[str]:
   return lines
 
 
-def _proxy_section(db, tokenizer) -> list[str]:
+def _proxy_plot(db, present, path) -> bool:
+  """Per present proxy, grouped bars: the best feature's (each SAE) and the best neuron's correlation
+  with the proxy, precision as a marker on each bar."""
+  import numpy as np
+  units = [u["name"] for u in db.meta["units"]]
+  fig, ax = _figure(max(5.0, 0.9 * len(present) + 2), 3.6)
+  width = 0.8 / max(1, len(units))
+  x = np.arange(len(present))
+  for k, name in enumerate(units):
+    table = db.unit(name).proxies()
+    corr = [table.get(p["name"], {}).get("corr") or 0.0 for p in present]
+    prec = [table.get(p["name"], {}).get("precision") or 0.0 for p in present]
+    ax.bar(x + (k - (len(units) - 1) / 2) * width, corr, width, label=f"{name}: corr")
+    ax.plot(x + (k - (len(units) - 1) / 2) * width, prec, "k_", markersize=8)
+  ax.plot([], [], "k_", label="precision")
+  ax.set_xticks(x, [p["name"] for p in present], rotation=30, fontsize=8)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("best unit vs proxy")
+  ax.legend(fontsize=7, frameon=False)
+  _save(fig, path)
+  return True
+
+
+def _proxy_section(db, tokenizer, out_dir=None) -> list[str]:
   proxies = db.meta.get("proxies") or []
   if not proxies:
     return []
@@ -193,6 +216,8 @@ def _proxy_section(db, tokenizer) -> list[str]:
     lines += ["Not present in the analysed tokens: " + ", ".join(absent) + ".", ""]
   if not present:
     return lines
+  if out_dir and _proxy_plot(db, present, os.path.join(out_dir, "proxies.png")):
+    lines += [f"![proxies]({os.path.basename(out_dir)}/proxies.png)", ""]
   for u in db.meta["units"]:
     unit = db.unit(u["name"])
     table = unit.proxies()
@@ -332,7 +357,7 @@ def write_report(workdir: str, log=print, *, tokenizer=None, db_path: str | None
       lines += [f"![L0 vs loss recovered]({PLOTS}/l0_loss_recovered.png)", ""]
 
   if db:
-    lines += _density_section(db, out_dir) + _proxy_section(db, tokenizer) + _splitting_section(db, tokenizer)
+    lines += _density_section(db, out_dir) + _proxy_section(db, tokenizer, out_dir) + _splitting_section(db, tokenizer)
   lines += _universality_section(workdir)
   out = "\n".join(lines).rstrip("\n") + "\n"
   path = os.path.join(workdir, REPORT)
