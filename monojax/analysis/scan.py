@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monojax import errors, files
+from monojax import errors
 from monojax.analysis import database, stats
 from monojax.sae import core as sae_core
 
@@ -60,7 +60,7 @@ class Pass:
       self.specs[s.name] = stats.Spec(width=s.width, n_proxies=n_proxies, d_neurons=d_mlp)
     self.pairs = [(a.name, b.name) for i, a in enumerate(self.saes) for b in self.saes[i + 1:]
                   if a.layer == b.layer and a.width * b.width <= PAIR_MAX]
-    layers = sorted({s.layer for s in self.saes} | {run.cfg.sae.layer if self.saes == [] else self.saes[0].layer})
+    layers = sorted({s.layer for s in self.saes} or {run.cfg.sae.layer})
     self.layer = layers[0]  # neurons are reported at the (first) SAE layer
     self.acts_fns = {l: run._mlp_acts_fn(l) for l in layers}
     self._step = jax.jit(self._make_step())
@@ -160,10 +160,7 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
   batches = pipeline.analysis_batches(run.cfg, run.tokenizer, root, run.mesh, split=opts.split,
                                       batch_size=opts.batch_size, start_batch=done, n_batches=n_batches - done)
 
-  def save():
-    nonlocal totals, accs
-    totals = _add(totals, _host_totals(accs, pair_sums_now[0]))
-    accs_z = {u: stats.zero_additive(a) for u, a in accs.items()}
+  def save():  # called right after a flush: the device's additive sums are zero, totals are complete
     arrays = {f"T:{k}": v for k, v in totals.items()}
     for u, acc in accs.items():
       for k, v in acc.items():
@@ -173,21 +170,20 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
     tmp = state_path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, state_path)
-    accs = accs_z
-    pair_sums_now[0] = {k: jnp.zeros_like(v) for k, v in pair_sums_now[0].items()}
 
   pair_sums_now = [pair_sums]
   t0 = last_log = last_save = time.perf_counter()
   start_done = done
-  exhausted = True
   with open(tok_path, "ab") as tok_fh:
     for batch in batches:
       tokens = batch["tokens"][:, :-1]
       host_tokens = np.asarray(jax.device_get(tokens), np.int32)
-      labels = jnp.asarray(labeler.labels(host_tokens)) if labeler else None
-      if labeler:
-        lab = np.asarray(labels, np.float64).reshape(n_prox, -1)
+      labels = None
+      if labeler:  # labelled on the host; the totals from the host copy, the device gets it once
+        host_labels = labeler.labels(host_tokens)
+        lab = host_labels.reshape(n_prox, -1).astype(np.float64)
         label_sum, label_sq = label_sum + lab.sum(1), label_sq + (lab * lab).sum(1)
+        labels = jnp.asarray(host_labels)
       accs, pair_sums_now[0] = ps.step(accs, pair_sums_now[0], tokens, done * opts.batch_size, labels)
       tok_fh.write(host_tokens.tobytes())
       done += 1
@@ -209,8 +205,7 @@ def run_pass(run, opts: Options, *, log=logging.info) -> str:
         log(f"analyze: {done * per_batch:,}/{n_batches * per_batch:,} tokens ({100 * done / n_batches:.0f}%), "
             f"{rate:,.0f} tokens/s, ETA {_duration(eta)}")
         last_log = now
-    else:
-      exhausted = done < n_batches
+  exhausted = done < n_batches
   totals = _add(totals, _host_totals(accs, pair_sums_now[0]))
   if done == 0:
     raise errors.MissingInputError(f"analyze: the {opts.split} split gave no batch of {opts.batch_size} sequences")
