@@ -20,8 +20,9 @@ LAYERS = [
     ("checkpoint",),
     ("run",),
     ("analysis",),
+    ("inspector",),
     ("train",),
-    ("main", "analyze"),
+    ("main", "analyze", "inspect"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -1,0 +1,205 @@
+"""What the inspector site reads: the feature database turned into small per-feature data files.
+
+Browsers refuse fetch()/XHR on file:// pages, but a <script src> still loads, so every data file is
+a script with one call: `monojax.data("<key>", "<payload>")`, payload = base64(gzip(JSON)), which
+the page decodes with the browser's DecompressionStream. gzip keeps a 4,096-feature site at ~16 MB
+(plain JSON would be ~50 MB: each feature carries ~60 windows of 33 tokens); base64 in a JS string
+can hold no markup, so nothing in corpus text can end the script. The keys:
+
+  vocab              [str]: every token's display string (text.visible of its decoding)
+  <unit>/index       the feature list: columns over features (density, max, top tokens, ...)
+  <unit>/f/<i>       one feature: statistics, histograms, logit effects, neurons, examples, links
+                     (none for a feature that never fired: the index says it is dead)
+  samples/<k>        one TextInspector document: tokens and the active features of every unit
+
+NaN (a statistic undefined for the feature) is written as null. Numbers keep 6 significant digits.
+"""
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import math
+import os
+
+import numpy as np
+
+from monojax import text
+from monojax.analysis import database, stats
+
+INDEX_TOKENS = 3      # distinct top-activating tokens and top logit tokens listed per feature
+PROXY_ROWS = 3        # proxies listed per feature (highest correlation first)
+FAMILY_LINKS = 3      # nearest features of another SAE of the run, by decoder cosine
+
+
+def _num(x) -> float | None:
+  x = float(x)
+  return float(f"{x:.6g}") if math.isfinite(x) else None
+
+
+def _nums(a) -> list:
+  return [_num(v) for v in np.asarray(a, np.float64).ravel()]
+
+
+def _ints(a) -> list[int]:
+  return [int(v) for v in np.asarray(a).ravel()]
+
+
+def pack(obj) -> str:
+  """base64(gzip(JSON)), deterministic (no timestamp in the gzip header)."""
+  raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+  return base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode("ascii")
+
+
+def unpack(payload: str):
+  return json.loads(gzip.decompress(base64.b64decode(payload)))
+
+
+def script(key: str, obj) -> str:
+  """A data file's text. The key is ours (unit names and numbers); json.dumps quotes it safely."""
+  return f"monojax.data({json.dumps(key)},\"{pack(obj)}\");\n"
+
+
+def read_script(path: str):
+  """(key, object) of a data file (tests and tools read the site back with it)."""
+  with open(path, encoding="utf-8") as f:
+    body = f.read().strip()
+  prefix = "monojax.data("
+  if not (body.startswith(prefix) and body.endswith('");')):
+    raise ValueError(f"{path}: not a monojax data file")
+  key_json, payload = body[len(prefix):-3].split(',"', 1)
+  return json.loads(key_json), unpack(payload)
+
+
+def vocab_strings(tokenizer) -> list[str]:
+  """Each token's display string. A byte-level BPE token that is part of a multi-byte character
+  decodes to U+FFFD on its own (BUILD_NOTES, known gaps)."""
+  return [text.visible(tokenizer.decode([t])) for t in range(tokenizer.vocab_size)]
+
+
+def _top_token_ids(unit: database.Unit, n: int) -> list[list[int]]:
+  """Per feature: up to n distinct token ids where it fired most (its top examples, in order)."""
+  seq = np.asarray(unit.array("ex_seq")[:, :database.N_TOP], np.int64)
+  pos = np.asarray(unit.array("ex_pos")[:, :database.N_TOP], np.int64)
+  toks = unit.db.tokens
+  ids = np.where(seq >= 0, np.asarray(toks[np.clip(seq, 0, toks.shape[0] - 1), pos]), -1)
+  out = []
+  for row in ids:
+    seen: list[int] = []
+    for t in row:
+      if t >= 0 and t not in seen:
+        seen.append(int(t))
+        if len(seen) == n:
+          break
+    out.append(seen)
+  return out
+
+
+def unit_index(unit: database.Unit, proxy_names: list[str], explanations: dict | None = None) -> dict:
+  """The feature list of one unit, as columns (one entry per feature)."""
+  fired = np.asarray(unit.array("fired"), np.int64)
+  density = np.asarray(unit.array("density"), np.float64)
+  out = {"n": unit.width, "fired": _ints(fired), "density": _nums(density), "max": _nums(unit.array("max")),
+         "top_tokens": _top_token_ids(unit, INDEX_TOKENS),
+         "logit_top": [_ints(r[:INDEX_TOKENS]) for r in np.asarray(unit.array("logit_top_ids"))]}
+  if proxy_names and os.path.exists(os.path.join(unit.path, "proxy_corr.npy")):
+    corr = np.nan_to_num(np.asarray(unit.array("proxy_corr"), np.float64), nan=-2.0)
+    prec = np.asarray(unit.array("proxy_precision"), np.float64)
+    best = corr.argmax(1)
+    rows = np.arange(len(best))
+    out["proxy"] = _ints(best)
+    out["proxy_corr"] = _nums(np.where(corr[rows, best] > -2, corr[rows, best], np.nan))
+    out["proxy_precision"] = _nums(prec[rows, best])
+  expl = explanations or {}
+  if expl:
+    out["explanation"] = [expl.get(i, {}).get("explanation") for i in range(unit.width)]
+    out["score"] = [_num(expl[i]["score"]) if i in expl and expl[i].get("score") is not None else None
+                    for i in range(unit.width)]
+  return out
+
+
+def _examples(unit: database.Unit, i: int) -> list[dict]:
+  """Feature i's example groups (top, intervals 1-10, bottom), each example
+  [value, seq, pos, repeated, ids[WINDOW] (-1 outside the sequence), [[offset, act], ...] non-zero]."""
+  seq, pos, val = (np.asarray(unit.array(n)[i]) for n in ("ex_seq", "ex_pos", "ex_val"))
+  win, rep = np.asarray(unit.array("ex_win")[i], np.float64), np.asarray(unit.array("ex_repeated")[i])
+  toks = unit.db.tokens
+  groups: list[dict] = []
+  for slot in np.nonzero(seq >= 0)[0]:
+    name = database.GROUP_NAMES[database.EX_GROUP[slot]]
+    if not groups or groups[-1]["name"] != name:
+      groups.append({"name": name, "ex": []})
+    s, p = int(seq[slot]), int(pos[slot])
+    lo = p - stats.LEFT
+    ids = np.full(stats.WINDOW, -1, np.int64)
+    src = toks[s, max(0, lo):min(toks.shape[1], p + stats.RIGHT + 1)]
+    ids[max(0, -lo):max(0, -lo) + len(src)] = src
+    w = win[slot]
+    nz = np.flatnonzero(np.isfinite(w) & (w != 0))
+    groups[-1]["ex"].append([_num(val[slot]), s, p, int(bool(rep[slot])), _ints(ids),
+                             [[int(o), _num(w[o])] for o in nz]])
+  return groups
+
+
+def feature_record(unit: database.Unit, i: int, proxy_names: list[str], links: dict | None = None) -> dict:
+  """Everything the FeatureInspector shows about feature i of `unit` (see the module docstring)."""
+  a = lambda n: np.asarray(unit.array(n)[i])  # noqa: E731
+  rec = {"i": i, "fired": int(a("fired")), "density": _num(a("density")), "max": _num(a("max")),
+         "mean": _num(a("mean")), "hist": _ints(a("hist")),
+         "logit": {"top": _ints(a("logit_top_ids")), "top_v": _nums(a("logit_top_values")),
+                   "bottom": _ints(a("logit_bottom_ids")), "bottom_v": _nums(a("logit_bottom_values")),
+                   "hist": _ints(a("logit_hist")), "edges": _nums(a("logit_hist_edges")),
+                   "median": _num(a("logit_median"))},
+         "groups": _examples(unit, i)}
+  has = lambda n: os.path.exists(os.path.join(unit.path, f"{n}.npy"))  # noqa: E731
+  if has("top_neurons"):
+    rec["neurons"] = [[int(n), _num(w)] for n, w in zip(a("top_neurons"), a("top_neuron_weights"))]
+  if has("corr_neuron"):
+    rec["corr_neuron"] = [int(a("corr_neuron")), _num(a("corr_neuron_value"))]
+  if proxy_names and has("proxy_corr"):
+    corr = np.asarray(a("proxy_corr"), np.float64)
+    order = np.argsort(-np.nan_to_num(corr, nan=-2.0), kind="stable")[:PROXY_ROWS]
+    rec["proxies"] = [[int(p), _num(a("proxy_precision")[p]), _num(a("proxy_recall")[p]), _num(corr[p])]
+                      for p in order]
+  if links:
+    rec["links"] = links
+  return rec
+
+
+def family_links(db: database.FeatureDatabase, unit: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{other SAE: (ids [F, k], cosines [F, k])}: for each feature of `unit`, the nearest features of
+  each other SAE of the run by decoder cosine (feature splitting across widths)."""
+  out = {}
+  for pair in db.meta.get("families") or []:
+    a, b = pair.split("__", 1)
+    if a == unit:
+      fam = db.families(a, b)
+      out[b] = (np.asarray(fam["cos_ids"])[:, :FAMILY_LINKS], np.asarray(fam["cos"])[:, :FAMILY_LINKS])
+  return out
+
+
+def universality_links(workdir: str, unit: str) -> dict | None:
+  """The match of each feature of `unit` in run B (RUN/universality, written by `analyze --compare`):
+  {"run_b", "unit_b", "best" [F], "corr" [F]} or None."""
+  path = os.path.join(workdir, "universality")
+  try:
+    with open(os.path.join(path, "summary.json")) as f:
+      summary = json.load(f)
+    if summary.get("sae_a") != unit:
+      return None
+    with np.load(os.path.join(path, "matches.npz")) as z:
+      best, corr = np.asarray(z["feature_best"]), np.asarray(z["feature_corr"])
+  except (OSError, ValueError, KeyError):
+    return None
+  return {"run_b": str(summary.get("run_b", "")), "unit_b": str(summary.get("sae_b", "")), "best": best, "corr": corr,
+          "n_tokens": int(summary.get("n_tokens", 0))}
+
+
+def links_for(i: int, families: dict, universality: dict | None) -> dict:
+  out: dict = {}
+  if families:
+    out["family"] = {b: [[int(j), _num(c)] for j, c in zip(ids[i], cos[i]) if j >= 0] for b, (ids, cos) in families.items()}
+  if universality is not None and i < len(universality["best"]) and universality["best"][i] >= 0:
+    out["universality"] = {"unit": universality["unit_b"], "feature": int(universality["best"][i]),
+                           "corr": _num(universality["corr"][i])}
+  return out

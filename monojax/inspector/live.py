@@ -1,0 +1,80 @@
+"""Live activations of any text for the TextInspector: what every feature of one unit (the MLP
+neurons, or one SAE) does on each token of a text the reader types.
+
+  live.text_activations(run, "The cat sat", "sae0")
+  -> {"unit": "sae0", "n_tokens": 3, "truncated": False, "seq_len": 128, "tokens": [...],
+      "pieces": ["The", " cat", " sat"], "features": [[[17, 2.5], [3, 0.25]], ...], "active": [2, ...]}
+
+The text is tokenized as one training document is (without its EOS) and cut into consecutive
+contexts of seq_len tokens, each run from its start as training runs its windows. The contexts are
+padded to one fixed batch (max_tokens worth), so each unit compiles once, whatever the text's length.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monojax import errors, text as text_lib
+
+NEURONS = "neurons"
+
+
+def unit_names(run) -> list[str]:
+  """The units a text can be read with: "neurons" (the SAEs' MLP layer), then every SAE by name."""
+  return [NEURONS, *(s.name for s in run.saes)]
+
+
+def tokenize(run, text: str) -> np.ndarray:
+  """int32[N]: `text` as the run tokenizes one document (long texts in the same pieces), minus the
+  EOS that training appends after it."""
+  return run.tokenizer.encode_documents([text])[:-1]
+
+
+def text_activations(run, text: str, unit: str, *, max_tokens: int = 1024, top_k: int = 32) -> dict:
+  """The `top_k` strongest active features (activation > 0) of `unit` on each of the first
+  `max_tokens` tokens of `text`, as JSON-ready plain Python (see the module docstring)."""
+  units = unit_names(run)
+  if unit not in units:
+    raise errors.UserInputError(f"unit {text_lib.visible(str(unit))[:80]!r}: this run has {', '.join(units)}")
+  if not isinstance(text, str):
+    raise errors.UserInputError(f"text: a string is needed, got {type(text).__name__}")
+  if int(max_tokens) < 1 or int(top_k) < 1:
+    raise errors.UserInputError(f"max_tokens ({max_tokens}) and top_k ({top_k}) must be ≥ 1")
+  seq_len = int(run.cfg.data.seq_len)
+  ids = tokenize(run, text)
+  truncated = ids.size > max_tokens
+  ids = ids[:max_tokens]
+  n = int(ids.size)
+  out = {"unit": unit, "n_tokens": n, "truncated": bool(truncated), "seq_len": seq_len,
+         "tokens": [int(i) for i in ids], "pieces": [text_lib.visible(run.tokenizer.decode([i])) for i in ids],
+         "features": [], "active": []}
+  if n == 0:
+    return out
+  # One fixed shape per (max_tokens, seq_len): the padding (token 0) sits after every real token, so
+  # causal attention keeps it from changing them, and its positions are dropped below.
+  n_ctx = -(-int(max_tokens) // seq_len)
+  batch = np.zeros((n_ctx * seq_len,), np.int32)
+  batch[:n] = ids
+  batch = batch.reshape(n_ctx, seq_len)
+  acts = run.mlp_acts(batch) if unit == NEURONS else run.features(batch, unit)
+  k = min(int(top_k), int(acts.shape[-1]))
+  # The top k and the counts on device: only [tokens, k] crosses to the host, not [tokens, width].
+  values, indices, active = jax.device_get(_top_k(acts, k))
+  values = values.reshape(-1, k)[:n]
+  indices = indices.reshape(-1, k)[:n]
+  active = active.reshape(-1)[:n]
+  for vals, idx, n_active in zip(values, indices, active):
+    out["features"].append([[int(i), float(v)] for i, v in zip(idx, vals) if v > 0])
+    out["active"].append(int(n_active))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _top_k(acts, k: int):
+  """(values f32[..., k] descending — ties: lower index first, indices i32[..., k], count of > 0)."""
+  acts = acts.astype(jnp.float32)
+  values, indices = jax.lax.top_k(acts, k)
+  return values, indices.astype(jnp.int32), jnp.sum(acts > 0, axis=-1, dtype=jnp.int32)
