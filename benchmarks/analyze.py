@@ -23,6 +23,9 @@ import time
 
 from monojax import cpu_env  # noqa: E402 (imports nothing heavy)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402 (benchmarks/machine.py)
+
 if __name__ == "__main__" and "--child" not in sys.argv:  # the allocator setting before jax starts
   cpu_env.reexec_with_malloc_tunables(sys.argv)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,18 +44,7 @@ _TOKENS = flags.DEFINE_integer("tokens", 0, "internal: the child's N")
 
 
 def _cpu() -> str:
-  model, isa = platform.processor() or "unknown", []
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-      if line.startswith("flags"):
-        have = set(line.split(":", 1)[1].split())
-        isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]
-        break
-  except OSError:
-    pass
-  return f"{model}; {os.cpu_count()} cores; ISA {' '.join(isa) or '?'}"
+  return machine.cpu_line()
 
 
 def _child() -> None:

@@ -9,7 +9,7 @@ can hold no markup, so nothing in corpus text can end the script. The keys:
   vocab              [str]: every token's display string (text.visible of its decoding)
   <unit>/index       the feature list: columns over features (density, max, top tokens, ...)
   <unit>/f/<i>       one feature: statistics, histograms, logit effects, neurons, examples, links
-                     (none for a feature that never fired: the index says it is dead)
+                     ({"i", "dead": true, "fired": 0} for a feature that never fired)
   samples/<k>        one TextInspector document: tokens and the active features of every unit
 
 NaN (a statistic undefined for the feature) is written as null. Numbers keep 6 significant digits.

@@ -4,7 +4,7 @@
   assets/                 their script and style (no library, nothing from the network)
   data/site.js            what the pages need first: run, units, proxies, histogram edges, samples
   data/vocab.js           token display strings
-  data/<unit>/index.js    the feature list of a unit; data/<unit>/f/<i>.js one feature
+  data/<unit>/index.js    the feature list of a unit; data/<unit>/f/<i>.js one feature (dead ones too)
   data/samples/<k>.js     TextInspector documents: every unit's active features on every token
   site.json               schema and what the site was built from (marks the folder as ours)
 
@@ -105,15 +105,16 @@ def _fallback_documents(run, db, n: int = 6) -> list[dict]:
           for k, row in enumerate(toks)]
 
 
-def build(workdir: str, *, out: str | None = None, samples: bool = True, log=print) -> str:
-  """Builds the site of a run from its feature database; returns the path of index.html."""
+def build(workdir: str, *, out: str | None = None, samples: bool = True, run=None, log=print) -> str:
+  """Builds the site of a run from its feature database; returns the path of index.html. `run`: the
+  run already open (the end of a training job), else the run loader opens it."""
   from monojax.run import Run
   t0 = time.time()
   workdir = os.path.abspath(os.path.expanduser(workdir))
   db = database.open_database(workdir)
   final = os.path.abspath(os.path.expanduser(out)) if out else site_dir(workdir)
   check_writable(final)
-  run = Run.open(workdir, log=logging.info)
+  run = run if run is not None else Run.open(workdir, log=logging.info)
   tmp = f"{final}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
@@ -156,11 +157,14 @@ def _write_data(run, db: database.FeatureDatabase, workdir: str, out: str, sampl
     families = export.family_links(db, name)
     universality = export.universality_links(workdir, name)
     fired = np.asarray(unit.array("fired"))
-    for i in np.flatnonzero(fired > 0):
-      rec = export.feature_record(unit, int(i), proxy_names, export.links_for(int(i), families, universality))
-      if int(i) in expl:
-        rec["autointerp"] = expl[int(i)]
-      _write(os.path.join(data, name, "f", f"{int(i)}.js"), export.script(f"{name}/f/{int(i)}", rec))
+    for i in range(unit.width):
+      if fired[i] > 0:
+        rec = export.feature_record(unit, i, proxy_names, export.links_for(i, families, universality))
+        if i in expl:
+          rec["autointerp"] = expl[i]
+      else:   # a few bytes, so a link to a dead feature loads like any other (no missing-file error)
+        rec = {"i": i, "dead": True, "fired": 0}
+      _write(os.path.join(data, name, "f", f"{i}.js"), export.script(f"{name}/f/{i}", rec))
       n_files += 1
     units.append({"name": name, "kind": info["kind"], "width": int(info["width"]), "label": info.get("label", name),
                   "dead": int(info.get("dead", 0)), "ultralow": int(info.get("ultralow", 0)),

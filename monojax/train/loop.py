@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from monojax import errors
 from monojax.train import evaluate, job as job_lib, preview
 from monojax.train.evaluate import TrainingDiverged  # noqa: F401 (the entry point catches it from here)
 
@@ -180,7 +181,8 @@ def _sae_events(job: job_lib.Job, step: int, log) -> bool:
 def _finish(job: job_lib.Job, log) -> None:
   """The end of a run with SAEs, from the run as saved (the run loader reads the final checkpoint):
   with analysis.tokens > 0 and an analysis split, the analysis pass, RUN/report.md and the feature
-  preview from the database (analysis/first_look.py); else the quick preview of the val split."""
+  preview from the database (analysis/first_look.py), then the inspector site (RUN/inspector); else
+  the quick preview of the val split."""
   if jax.process_count() > 1:
     log("sae: the feature preview runs in single-process jobs only; open the run on one host for it "
         "(BUILD_NOTES.md, known gaps)")
@@ -189,5 +191,10 @@ def _finish(job: job_lib.Job, log) -> None:
   from monojax.run import Run
   run = Run.open(job.workdir, mesh=job.mesh, log=log)
   if run.cfg.analysis.tokens > 0 and first_look.end_of_run(run, log):
+    from monojax.inspector import site
+    try:
+      site.build(run.workdir, run=run, log=log)   # its last line says which page to open
+    except errors.UserInputError as e:   # e.g. a folder of somebody's at RUN/inspector: the run stays done
+      log(f"inspect: the inspector site was not built: {e}")
     return
   preview.finish(run, log)

@@ -28,6 +28,11 @@ HOSTILE = [
 
 
 @pytest.fixture(scope="session")
+def hostile():
+  return list(HOSTILE)
+
+
+@pytest.fixture(scope="session")
 def inspector_corpus(tmp_path_factory, pydoc_texts):
   from monojax.data import pile_io
   root = tmp_path_factory.mktemp("icorpus")
@@ -66,3 +71,43 @@ def inspector_run(inspector_corpus, tmp_path_factory):
   scan.run_pass(run, scan.Options(tokens=8 * 16 * 6, batch_size=8, flush_every=2, save_every_s=0.0), log=quiet)
   assert os.path.isdir(os.path.join(workdir, "analysis"))
   return workdir
+
+
+@pytest.fixture(scope="session")
+def inspector_site(inspector_run):
+  """RUN/inspector/ of the tiny run; returns its folder."""
+  from monojax.inspector import site
+  index = site.build(inspector_run, log=quiet)
+  return os.path.dirname(index)
+
+
+CHROMIUM = os.environ.get("MONOJAX_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser():
+  """Headless Chromium (Debian's package, driven by pip playwright: no browser download). CI sets
+  MONOJAX_REQUIRE_BROWSER=1, so a missing browser fails there instead of skipping."""
+  required = os.environ.get("MONOJAX_REQUIRE_BROWSER") == "1"
+  try:
+    from playwright.sync_api import sync_playwright
+  except ImportError:
+    if required:
+      raise
+    pytest.skip("playwright is not installed (pip install -e '.[test]')")
+  if not os.path.exists(CHROMIUM):
+    if required:
+      raise FileNotFoundError(f"{CHROMIUM}: no Chromium (apt-get install chromium, or set MONOJAX_CHROMIUM)")
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+  with sync_playwright() as p:
+    b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+  """Where the browser tests save screenshots (MONOJAX_TEST_ARTIFACTS, else a temporary folder)."""
+  path = os.environ.get("MONOJAX_TEST_ARTIFACTS") or str(tmp_path_factory.mktemp("artifacts"))
+  os.makedirs(path, exist_ok=True)
+  return path

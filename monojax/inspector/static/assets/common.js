@@ -53,6 +53,21 @@
       }).catch(M.fail);
     },
 
+    // Marks the page drawn: body[data-ready] (tests wait on it) and window.monojaxReadyAt (ms since
+    // navigation, benchmarks/inspector.py) once the browser has painted the frame with the change.
+    // Resolves then, so work below the fold can follow without delaying the first paint.
+    ready: function (what) {
+      return new Promise(function (resolve) {
+        requestAnimationFrame(function () {
+          setTimeout(function () {
+            window.monojaxReadyAt = performance.now();
+            document.body.setAttribute("data-ready", what);
+            resolve();
+          }, 0);
+        });
+      });
+    },
+
     fail: function (err) {
       var box = document.getElementById("load-error");
       if (box) { box.hidden = false; box.textContent = String(err && err.message || err); }
@@ -154,6 +169,15 @@
       });
     },
 
+    // The same label from a feature's own file (its top examples' tokens, as the build lists them).
+    featureLabel: function (f) {
+      if (f.autointerp && f.autointerp.explanation) return String(f.autointerp.explanation);
+      var C = M.site.window[0], seen = [];
+      var top = f.groups.filter(function (g) { return g.name === "top"; })[0];
+      (top ? top.ex : []).forEach(function (e) { var t = e[4][C]; if (t >= 0 && seen.indexOf(t) < 0 && seen.length < 3) seen.push(t); });
+      return seen.map(function (id) { return "\u201c" + M.tok(id) + "\u201d"; }).join(" ");
+    },
+
     // A feature's one-line label: its explanation when autointerp ran, else its top tokens.
     label: function (index, i) {
       if (index.explanation && index.explanation[i]) return index.explanation[i];
@@ -161,4 +185,7 @@
       return t.length ? t.join(" ") : "";
     },
   };
+  // Every page needs these two: ask for them as soon as this script runs.
+  M.load("site").catch(function () {});
+  M.load("vocab").catch(function () {});
 })();

@@ -76,13 +76,13 @@
     }
   }
 
-  function rowFlags(i) {
-    var f = index.fired[i], d = index.density[i];
-    if (f === 0) return "dead";
+  function flagOf(fired, d) {
+    if (fired === 0) return "dead";
     if (d < M.site.ultralow) return "ultralow";
     if (d > M.site.dense) return "dense";
     return "";
   }
+  function rowFlags(i) { return flagOf(index.fired[i], index.density[i]); }
 
   function renderList() {
     var list = M.clear($("feature-list"));
@@ -101,6 +101,7 @@
     $("list-count").textContent = M.fmtInt(matches.length) + (S.q ? " matching of " : " of ") + M.fmtInt(index.n) +
       (u.kind === "neurons" ? " neurons" : " features") + " · " + M.fmtInt(u.dead) + " dead · " + M.fmtInt(u.ultralow) + " ultralow";
     $("more").hidden = matches.length <= S.shown;
+    document.body.setAttribute("data-list", [S.unit, S.order, S.mode, S.q].join("|"));   // tests wait on it
   }
 
   function stateFor(unit, i) {
@@ -115,48 +116,61 @@
     route();
   }
 
-  function renderFeature() {
-    var box = $("feature"), i = S.feature, seq = ++renderSeq, u = M.unitInfo(S.unit);
-    if (i === null || !(i >= 0 && i < index.n)) {
-      M.clear(box).appendChild(el("p", { class: "empty" }, [i === null ? "Pick a feature." : "No feature " + i + " in " + S.unit + " (0–" + (index.n - 1) + ")."]));
-      return Promise.resolve();
-    }
-    var dead = index.fired[i] === 0;
-    var p = dead ? Promise.resolve(null) : M.load(S.unit + "/f/" + i);
-    return p.then(function (f) {
+  // The feature's own file holds what its panels show, so a linked feature is drawn without waiting
+  // for the unit's list (idxReady).
+  function renderFeature(i, idxReady) {
+    var box = $("feature"), seq = ++renderSeq, unit = S.unit, u = M.unitInfo(unit);
+    var got = i >= 0 && i < u.width ? M.load(unit + "/f/" + i) : Promise.resolve(undefined);
+    return got.then(function (f) {
       if (seq !== renderSeq) return;   // a newer selection won
-      var ctx = { site: M.site, unit: u, index: index, i: i, f: f, go: go };
+      if (f === undefined) {
+        M.clear(box).appendChild(el("p", { class: "empty" }, ["No feature " + i + " in " + unit + " (0–" + (u.width - 1) + ")."]));
+        return M.ready(unit + "/none");
+      }
+      var dead = !!f.dead;
+      if (dead) f = null;
+      var ctx = { site: M.site, unit: u, i: i, f: f, go: go };
       M.clear(box);
-      var flag = rowFlags(i);
+      var flag = dead ? "dead" : flagOf(f.fired, f.density);
       box.appendChild(el("div", { class: "fhead" }, [
-        el("h1", {}, [(u.kind === "neurons" ? "Neuron " : "Feature ") + S.unit + "/" + i]),
+        el("h1", {}, [(u.kind === "neurons" ? "Neuron " : "Feature ") + unit + "/" + i]),
         flag ? el("span", { class: "badge " + flag }, [flag === "dead" ? "dead: never fired on the analysed tokens" :
           flag === "ultralow" ? "ultralow density" : "dense (> " + M.pct(M.site.dense) + ")"]) : null,
         el("span", { class: "nav-buttons" }, [
           el("button", { type: "button", title: "previous in this list (k)", onclick: function () { step(-1); } }, ["◀"]),
           el("button", { type: "button", title: "next in this list (j)", onclick: function () { step(1); } }, ["▶"])]),
-        el("p", { class: "flabel-big" }, [M.label(index, i)])]));
+        el("p", { class: "flabel-big" }, [dead ? "" : M.featureLabel(f)])]));
       if (dead) {
         box.appendChild(el("p", { class: "empty dead-note" }, ["This " + (u.kind === "neurons" ? "neuron" : "feature") +
           " never fired on the " + M.fmtInt(M.site.n_tokens) + " analysed tokens: there are no examples, histograms or logit effects to show."]));
       }
-      var grid = el("div", { class: "panels" });
+      var grid = el("div", { class: "panels" }), later = [];
+      function fill(P, section) {
+        var body;
+        try { body = P.render(ctx); } catch (e) { body = el("p", { class: "empty" }, ["This panel failed: " + e.message]); console.error(e); }
+        if (body) section.appendChild(body); else section.remove();
+      }
       M.PANELS.forEach(function (P) {
         if (P.when && !P.when(ctx)) return;
         if (dead && P.id !== "stats") return;
-        var body;
-        try { body = P.render(ctx); } catch (e) { body = el("p", { class: "empty" }, ["This panel failed: " + e.message]); console.error(e); }
-        if (!body) return;
-        grid.appendChild(el("section", { class: "panel" + (P.wide ? " wide" : ""), "data-panel": P.id },
-          [el("h3", {}, [P.title]), body]));
+        var section = el("section", { class: "panel" + (P.wide ? " wide" : ""), "data-panel": P.id }, [el("h3", {}, [P.title])]);
+        grid.appendChild(section);
+        if (P.below) later.push([P, section]); else fill(P, section);
       });
       box.appendChild(grid);
-      document.title = S.unit + "/" + i + " · FeatureInspector";
-      document.body.setAttribute("data-ready", S.unit + "/" + i);
+      document.title = unit + "/" + i + " · FeatureInspector";
+      // Panels marked `below` (the long example lists under the top activations) are drawn right
+      // after the first paint, so a feature shows at once and its last examples a frame later.
+      return M.ready(unit + "/" + i).then(function () {
+        if (seq !== renderSeq) return;
+        later.forEach(function (p) { fill(p[0], p[1]); });
+        document.body.setAttribute("data-complete", unit + "/" + i);
+      });
     }).catch(function (e) { if (seq === renderSeq) { M.clear(box).appendChild(el("p", { class: "load-error" }, [e.message])); } });
   }
 
   function step(d) {
+    if (!matches || !matches.length) return;
     var k = matches.indexOf(S.feature);
     var j = matches[Math.max(0, Math.min(matches.length - 1, (k < 0 ? 0 : k + d)))];
     if (j !== undefined) go(S.unit, j);
@@ -168,17 +182,25 @@
     var unit = h.sae && M.unitInfo(h.sae) ? h.sae : (S.unit || M.defaultUnit());
     S.order = h.order || "index"; S.q = h.q || ""; S.mode = h.mode === "regex" ? "regex" : "text"; S.seed = h.seed || "1";
     var fi = h.feature !== undefined && /^\d+$/.test(h.feature) ? parseInt(h.feature, 10) : null;
-    var changedUnit = unit !== S.unit || !index;
+    if (unit !== S.unit || !index) { index = null; listKey = null; }
     S.unit = unit;
-    var ready = changedUnit ? M.load(unit + "/index").then(function (idx) { index = idx; }) : Promise.resolve();
-    return ready.then(function () {
+    var idxReady = index ? Promise.resolve() : M.load(unit + "/index").then(function (idx) { if (S.unit === unit) index = idx; });
+    var drawn = null;
+    if (fi !== null) { S.feature = fi; drawn = renderFeature(fi, idxReady); }   // at once, beside the list's load
+    return idxReady.then(function () {
+      if (S.unit !== unit) return;
       fillControls();
       var key = [S.unit, S.order, S.seed, S.q, S.mode].join("\u0000");
       if (key !== listKey) { listKey = key; S.shown = PAGE; computeOrder(); computeMatches(); }
-      S.feature = fi !== null ? fi : (matches.length ? matches[0] : null);
-      renderList();
-      return renderFeature();
+      if (fi === null) { S.feature = matches.length ? matches[0] : null; drawn = S.feature === null ?
+        renderNone() : renderFeature(S.feature, idxReady); }
+      return drawn.then(renderList);
     }).catch(M.fail);
+  }
+
+  function renderNone() {
+    M.clear($("feature")).appendChild(el("p", { class: "empty" }, ["No feature matches."]));
+    return M.ready(S.unit + "/none");
   }
 
   function fillControls() {
@@ -219,6 +241,15 @@
       if (e.key === "k" || e.key === "ArrowUp") step(-1);
     });
   }
+
+  // Ask for the linked feature's files now, in parallel with site.js and vocab.js (before the DOM is
+  // even parsed): a shared link draws its feature after one round of loads, not three.
+  (function prefetch() {
+    var h = M.getHash();
+    if (!h.sae || !/^[A-Za-z0-9_]+$/.test(h.sae)) return;
+    if (h.feature !== undefined && /^\d+$/.test(h.feature)) M.load(h.sae + "/f/" + h.feature).catch(function () {});
+    M.load(h.sae + "/index").catch(function () {});
+  })();
 
   document.addEventListener("DOMContentLoaded", function () {
     M.start(function () { wire(); return route(); });

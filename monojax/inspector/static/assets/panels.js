@@ -1,4 +1,5 @@
-// FeatureInspector panels. Each is {id, title, wide, render(ctx) -> Node | null}; a panel is one
+// FeatureInspector panels. Each is {id, title, wide, below, when(ctx), render(ctx) -> Node | null}
+// (below: drawn just after the first paint; when: whether the panel applies); a panel is one
 // <section data-panel="id">, so adding one is adding an entry to monojax.PANELS.
 // ctx: {site, unit (site.units entry), index (the unit's feature list), i, f (the feature's data
 // file, null for a dead feature), go(unit, i) (select a feature)}.
@@ -92,11 +93,10 @@
 
   M.PANELS = [
     { id: "stats", title: "Statistics", render: function (ctx) {
-      var f = ctx.f, idx = ctx.index, i = ctx.i;
-      var fired = idx.fired[i], d = idx.density[i];
+      var f = ctx.f, fired = f ? f.fired : 0, d = f ? f.density : 0;   // no file: a dead feature
       var rows = [["activation density", M.pct(d) + " (" + M.oneIn(d) + ")", "density"],
         ["tokens fired on", M.fmtInt(fired) + " of " + M.fmtInt(ctx.site.n_tokens), "fired"],
-        ["max activation", fmt(idx.max[i]), "max"]];
+        ["max activation", f ? fmt(f.max) : "—", "max"]];
       if (f) rows.push(["mean when firing", fmt(f.mean * ctx.site.n_tokens / Math.max(1, f.fired)), "mean_firing"]);
       return kv(rows);
     } },
@@ -189,14 +189,14 @@
       var g = groups(ctx, function (n) { return n === "top"; });
       return g.length ? exampleGroup(ctx, g[0]) : null;
     } },
-    { id: "intervals", title: "Subsample intervals", wide: true, render: function (ctx) {
+    { id: "intervals", title: "Subsample intervals", wide: true, below: true, render: function (ctx) {
       var gs = groups(ctx, function (n) { return n.indexOf("interval") === 0; });
       if (!gs.length) return el("p", { class: "empty" }, ["Too few activations to sample intervals."]);
       var box = el("div", {}, [el("p", { class: "muted" }, ["interval k holds activations in ((10 − k)/10, (11 − k)/10] × the max"])]);
       gs.forEach(function (g) { box.appendChild(exampleGroup(ctx, g)); });
       return box;
     } },
-    { id: "bottom", title: "Bottom activations", wide: true, render: function (ctx) {
+    { id: "bottom", title: "Bottom activations", wide: true, below: true, render: function (ctx) {
       var g = groups(ctx, function (n) { return n === "bottom"; });
       return g.length ? exampleGroup(ctx, g[0]) : el("p", { class: "empty" }, ["No bottom examples."]);
     } },

@@ -88,7 +88,7 @@
     renderSelected();
     $("token-head").textContent = "Hover a token";
     M.clear($("token-features"));
-    document.body.setAttribute("data-ready", "doc " + S.doc);
+    M.ready("doc " + S.doc);
   }
 
   function loadDoc() {
