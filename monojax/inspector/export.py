@@ -6,7 +6,7 @@ the page decodes with the browser's DecompressionStream. gzip keeps a 4,096-feat
 (plain JSON would be ~50 MB: each feature carries ~60 windows of 33 tokens); base64 in a JS string
 can hold no markup, so nothing in corpus text can end the script. The keys:
 
-  vocab              [str]: every token's display string (text.visible of its decoding)
+  vocab              [str]: every token's display string on its own (tokens.TokenBytes.vocab)
   <unit>/index       the feature list: columns over features (density, max, top tokens, ...)
   <unit>/f/<i>       one feature: statistics, histograms, logit effects, neurons, examples, links
                      ({"i", "dead": true, "fired": 0} for a feature that never fired)
@@ -24,8 +24,8 @@ import os
 
 import numpy as np
 
-from monojax import text
 from monojax.analysis import database, stats
+from monojax.inspector import tokens
 
 INDEX_TOKENS = 3      # distinct top-activating tokens and top logit tokens listed per feature
 PROXY_ROWS = 3        # proxies listed per feature (highest correlation first)
@@ -71,12 +71,6 @@ def read_script(path: str):
   return json.loads(key_json), unpack(payload)
 
 
-def vocab_strings(tokenizer) -> list[str]:
-  """Each token's display string. A byte-level BPE token that is part of a multi-byte character
-  decodes to U+FFFD on its own (BUILD_NOTES, known gaps)."""
-  return [text.visible(tokenizer.decode([t])) for t in range(tokenizer.vocab_size)]
-
-
 def _top_token_ids(unit: database.Unit, n: int) -> list[list[int]]:
   """Per feature: up to n distinct token ids where it fired most (its top examples, in order)."""
   seq = np.asarray(unit.array("ex_seq")[:, :database.N_TOP], np.int64)
@@ -118,9 +112,11 @@ def unit_index(unit: database.Unit, proxy_names: list[str], explanations: dict |
   return out
 
 
-def _examples(unit: database.Unit, i: int) -> list[dict]:
+def _examples(unit: database.Unit, i: int, token_bytes: tokens.TokenBytes | None = None) -> list[dict]:
   """Feature i's example groups (top, intervals 1-10, bottom), each example
-  [value, seq, pos, repeated, ids[WINDOW] (-1 outside the sequence), [[offset, act], ...] non-zero]."""
+  [value, seq, pos, repeated, ids[WINDOW] (-1 outside the sequence), [[offset, act], ...] non-zero,
+  [[offset, piece], ...]]: the last, only where a token shows other than its vocabulary string (a
+  character split over tokens, shown whole by the token completing it; tokens.py)."""
   seq, pos, val = (np.asarray(unit.array(n)[i]) for n in ("ex_seq", "ex_pos", "ex_val"))
   win, rep = np.asarray(unit.array("ex_win")[i], np.float64), np.asarray(unit.array("ex_repeated")[i])
   toks = unit.db.tokens
@@ -136,12 +132,19 @@ def _examples(unit: database.Unit, i: int) -> list[dict]:
     ids[max(0, -lo):max(0, -lo) + len(src)] = src
     w = win[slot]
     nz = np.flatnonzero(np.isfinite(w) & (w != 0))
-    groups[-1]["ex"].append([_num(val[slot]), s, p, int(bool(rep[slot])), _ints(ids),
-                             [[int(o), _num(w[o])] for o in nz]])
+    ex = [_num(val[slot]), s, p, int(bool(rep[slot])), _ints(ids), [[int(o), _num(w[o])] for o in nz]]
+    if token_bytes is not None:
+      vocab = token_bytes.vocab
+      override = [[o, piece] for o, (t, piece) in enumerate(zip(ids, token_bytes.pieces(ids)))
+                  if t >= 0 and piece != vocab[t]]
+      if override:
+        ex.append(override)
+    groups[-1]["ex"].append(ex)
   return groups
 
 
-def feature_record(unit: database.Unit, i: int, proxy_names: list[str], links: dict | None = None) -> dict:
+def feature_record(unit: database.Unit, i: int, proxy_names: list[str], links: dict | None = None,
+                   token_bytes: tokens.TokenBytes | None = None) -> dict:
   """Everything the FeatureInspector shows about feature i of `unit` (see the module docstring)."""
   a = lambda n: np.asarray(unit.array(n)[i])  # noqa: E731
   rec = {"i": i, "fired": int(a("fired")), "density": _num(a("density")), "max": _num(a("max")),
@@ -150,7 +153,7 @@ def feature_record(unit: database.Unit, i: int, proxy_names: list[str], links: d
                    "bottom": _ints(a("logit_bottom_ids")), "bottom_v": _nums(a("logit_bottom_values")),
                    "hist": _ints(a("logit_hist")), "edges": _nums(a("logit_hist_edges")),
                    "median": _num(a("logit_median"))},
-         "groups": _examples(unit, i)}
+         "groups": _examples(unit, i, token_bytes)}
   has = lambda n: os.path.exists(os.path.join(unit.path, f"{n}.npy"))  # noqa: E731
   if has("top_neurons"):
     rec["neurons"] = [[int(n), _num(w)] for n, w in zip(a("top_neurons"), a("top_neuron_weights"))]

@@ -12,14 +12,26 @@ padded to one fixed batch (max_tokens worth), so each unit compiles once, whatev
 from __future__ import annotations
 
 import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from monojax import errors, text as text_lib
+from monojax.inspector import tokens as tokens_lib
 
 NEURONS = "neurons"
+
+
+_TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_bytes(tokenizer) -> tokens_lib.TokenBytes:
+  """The tokenizer's byte table, built once per tokenizer (~50k entries for NeoX)."""
+  if tokenizer not in _TOKEN_BYTES:
+    _TOKEN_BYTES[tokenizer] = tokens_lib.TokenBytes(tokenizer)
+  return _TOKEN_BYTES[tokenizer]
 
 
 def unit_names(run) -> list[str]:
@@ -49,7 +61,7 @@ def text_activations(run, text: str, unit: str, *, max_tokens: int = 1024, top_k
   ids = ids[:max_tokens]
   n = int(ids.size)
   out = {"unit": unit, "n_tokens": n, "truncated": bool(truncated), "seq_len": seq_len,
-         "tokens": [int(i) for i in ids], "pieces": [text_lib.visible(run.tokenizer.decode([i])) for i in ids],
+         "tokens": [int(i) for i in ids], "pieces": token_bytes(run.tokenizer).pieces(ids),
          "features": [], "active": []}
   if n == 0:
     return out

@@ -146,7 +146,8 @@ def _write_data(run, db: database.FeatureDatabase, workdir: str, out: str, sampl
   data = os.path.join(out, "data")
   proxy_names = [p["name"] for p in db.meta.get("proxies") or []]
   n_files = 0
-  _write(os.path.join(data, "vocab.js"), export.script("vocab", export.vocab_strings(run.tokenizer)))
+  token_bytes = live.token_bytes(run.tokenizer)
+  _write(os.path.join(data, "vocab.js"), export.script("vocab", token_bytes.vocab))
   units = []
   for info in db.meta["units"]:
     name = info["name"]
@@ -159,7 +160,7 @@ def _write_data(run, db: database.FeatureDatabase, workdir: str, out: str, sampl
     fired = np.asarray(unit.array("fired"))
     for i in range(unit.width):
       if fired[i] > 0:
-        rec = export.feature_record(unit, i, proxy_names, export.links_for(i, families, universality))
+        rec = export.feature_record(unit, i, proxy_names, export.links_for(i, families, universality), token_bytes)
         if i in expl:
           rec["autointerp"] = expl[i]
       else:   # a few bytes, so a link to a dead feature loads like any other (no missing-file error)

@@ -8,52 +8,21 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from run_fixtures import copy_run
 
 from monojax import analyze, errors
 from monojax.analysis import database, proxies, scan, universality
-from monojax.config import base_config
 from monojax.run import Run
-from monojax.train import job as job_lib, loop
 
 quiet = lambda *a, **k: None  # noqa: E731
 BATCH, TOKENS = 8, 8 * 16 * 6   # 6 batches of 8 sequences of 16 tokens
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, pydoc_texts):
-  from monojax.data import pile_io
-  root = tmp_path_factory.mktemp("acorpus")
-  recs = [{"text": t, "meta": {"pile_set_name": "Docs: Python", "id": i}} for i, t in enumerate(pydoc_texts)]
-  # hostile and proxy text in the analysis split: a URL, hex, Cyrillic, HTML
-  extra = {"text": "<script>alert('x')</script> see https://example.org/a?b=1 and 0xDEADBEEF12 "
-                   "and Привет мир " * 20, "meta": {"pile_set_name": "Docs: Python", "id": -1}}
-  pile_io.write_shard(root / "train" / "a.jsonl.zst", [r for i, r in enumerate(recs) if i % 10 > 1])
-  pile_io.write_shard(root / "val" / "val.jsonl.zst", recs[::10])
-  pile_io.write_shard(root / "analysis" / "an.jsonl.zst", [extra] + recs[1::10])
-  return str(root)
-
-
-@pytest.fixture(scope="module")
-def workdir(corpus, tmp_path_factory):
-  base = tmp_path_factory.mktemp("arun")
-  c = base_config()
-  c.data.path, c.data.tokenizer, c.data.index_dir = corpus, "bpe:400", str(base / "idx")
-  c.data.seq_len, c.data.global_batch, c.data.count_tokens, c.preview_batches = 16, 8, False, 0
-  c.model.d_model, c.model.d_mlp, c.model.n_heads, c.model.d_head = 32, 64, 2, 16
-  c.train.steps, c.train.ckpt_every, c.train.eval_every, c.train.eval_batches = 8, 8, 0, 1
-  c.train.log_every, c.train.warmup_steps, c.train.async_checkpoints = 4, 2, False
-  c.sae.saes = "64:0.004:2023,96:0.004:2023"
-  c.sae.start_step, c.sae.buffer_steps, c.sae.positions_per_context, c.sae.batch_size = 1, 1, 8, 32
-  if "analysis" in c:
-    c.analysis.tokens = 0
-  job = job_lib.setup(c, str(base / "run"), quiet)
-  preempt = loop._Preemption(quiet)
-  try:
-    loop._steps(job, preempt, quiet)
-  finally:
-    preempt.restore()
-    job.close()
-  return str(base / "run")
+def workdir(cotrained_run_template, tmp_path_factory):
+  """This module's copy of the session's tiny co-trained run (2 SAEs; hostile, URL, hex, Cyrillic and
+  Arabic text in the analysis split)."""
+  return copy_run(cotrained_run_template, str(tmp_path_factory.mktemp("arun") / "run"))
 
 
 def _opts(**kw):

@@ -51,7 +51,7 @@ def test_matches_run_features_context_by_context(run, unit):
   out = live.text_activations(run, TEXT, unit, top_k=width)
   assert out["unit"] == unit and out["seq_len"] == T and out["n_tokens"] == len(tokens) and not out["truncated"]
   assert out["tokens"] == tokens.tolist() == run.tokenizer.hf.encode(TEXT, add_special_tokens=False).ids  # no EOS
-  assert out["pieces"] == [text_lib.visible(run.tokenizer.decode([i])) for i in tokens]
+  assert "".join(out["pieces"]) == text_lib.visible(run.tokenizer.decode(tokens))   # the text, piece by piece
   ref = _reference(run, tokens, unit)
   assert ref.shape == (len(tokens), width)
   assert sum(out["active"]) > 0, "a run whose features never fire tests nothing"
@@ -112,6 +112,16 @@ def test_pieces_are_visible_text(run):
   out = live.text_activations(run, text, "neurons")
   joined = "".join(out["pieces"])
   assert "⏎" in joined and "⇥" in joined and "\\x1b" in joined and "<script>" in joined
-  # a character split over byte tokens shows as U+FFFD per piece; never raw, whichever way it splits
+  # never raw, whichever way the tokens split a character
   assert all(text_lib.visible(p) == p for p in out["pieces"])
   assert not any(c in joined for c in "\n\t\x1b\u202e")
+
+
+def test_characters_split_over_tokens_show_whole(run):
+  """A multi-byte character cut over byte tokens shows once, on the token that completes it (the
+  tiny run's 400-token BPE splits Arabic and Cyrillic letters)."""
+  text = "مرحبا بالعالم Привет"
+  out = live.text_activations(run, text, "sae0")
+  assert "".join(out["pieces"]) == text and "\ufffd" not in "".join(out["pieces"])
+  alone = [run.tokenizer.decode([t]) for t in out["tokens"]]
+  assert any("\ufffd" in a for a in alone), "the tiny BPE no longer splits these letters: the test tests nothing"

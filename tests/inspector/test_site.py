@@ -9,9 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from monojax import errors, inspect as inspect_cli
+from monojax import errors, inspect as inspect_cli, text
 from monojax.analysis import database, stats
-from monojax.inspector import export, site
+from monojax.inspector import export, live, site
+from monojax.run import Run
 
 
 def _data(site_dir, key):
@@ -36,6 +37,8 @@ def test_feature_files_hold_the_database(inspector_run, inspector_site, unit):
   index = _data(inspector_site, f"{unit}/index")
   assert index["n"] == u.width and index["fired"] == fired.tolist()
   np.testing.assert_allclose(np.array(index["density"], float), u.array("density"), rtol=1e-5)
+  vocab = _data(inspector_site, "vocab")
+  tb = live.token_bytes(Run.open(inspector_run).tokenizer)
   files = sorted(int(os.path.basename(p)[:-3]) for p in glob.glob(os.path.join(inspector_site, "data", unit, "f", "*.js")))
   assert files == list(range(u.width))                  # one file per feature
   for i in np.flatnonzero(fired == 0)[:3]:
@@ -56,7 +59,10 @@ def test_feature_files_hold_the_database(inspector_run, inspector_site, unit):
     examples = [e for g in f["groups"] for e in g["ex"]]
     assert len(examples) == len(rec["examples"])
     for ex, want in zip(examples, rec["examples"]):
-      value, seq, pos, rep, ids, acts = ex
+      value, seq, pos, rep, ids, acts = ex[:6]
+      shown = dict(map(tuple, ex[6])) if len(ex) > 6 else {}
+      pieces = [shown.get(o, vocab[t]) for o, t in enumerate(ids) if t >= 0]   # the window's text, as drawn
+      assert "".join(pieces) == text.visible(tb.pieces_text(ids))
       assert (seq, pos, bool(rep)) == (want["seq"], want["pos"], want["repeated"])
       assert value == pytest.approx(want["value"], rel=1e-5)
       assert ids == want["tokens"].tolist()

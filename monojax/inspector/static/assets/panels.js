@@ -50,8 +50,9 @@
 
   // One example: value, then the window with each token shaded by the feature's activation.
   function example(ctx, ex) {
-    var value = ex[0], ids = ex[4], acts = {}, C = ctx.site.window[0];
+    var value = ex[0], ids = ex[4], acts = {}, shown = {}, C = ctx.site.window[0];
     ex[5].forEach(function (p) { acts[p[0]] = p[1]; });
+    (ex[6] || []).forEach(function (p) { shown[p[0]] = p[1]; });   // characters split over tokens, shown whole
     var max = ctx.f.max, row = el("div", { class: "ex" + (ex[3] ? " repeated" : ""), "data-value": value });
     row.appendChild(el("span", { class: "ex-val", title: "activation on the marked token" }, [fmt(value)]));
     // Keyword in context: the marked token in a column of its own, so the examples line up.
@@ -59,7 +60,9 @@
     ids.forEach(function (id, k) {
       if (id < 0) return;
       var a = acts[k] || 0;
-      var t = el("span", { class: "tok" + (k === C ? " center" : ""), title: "activation " + fmt(a) }, [M.tok(id)]);
+      var piece = k in shown ? shown[k] : M.tok(id);
+      var t = el("span", { class: "tok" + (k === C ? " center" : "") + (piece ? "" : " partial"),
+        title: (piece ? "" : "part of a character completed by the next token · ") + "activation " + fmt(a) }, [piece]);
       if (a > 0) t.style.backgroundColor = M.actColor(a, max);
       (k < C ? left : k === C ? mid : right).appendChild(t);
     });
@@ -178,7 +181,9 @@
       var u = L.universality, uinfo = ctx.unit.universality;
       if (u && uinfo) {
         var label = "run B " + uinfo.unit_b + "/" + u.feature;
-        out.appendChild(el("p", {}, ["universality: best match ", uinfo.site_b ?
+        // run B's site is a file beside this one: linked from disk, named when served (the server
+        // serves this run's site only)
+        out.appendChild(el("p", {}, ["universality: best match ", uinfo.site_b && location.protocol === "file:" ?
           el("a", { href: uinfo.site_b + "#" + M.hashOf({ sae: uinfo.unit_b, feature: u.feature }) }, [label]) : el("b", {}, [label]),
           " (activation correlation " + fmt(u.corr) + ")"]));
       }

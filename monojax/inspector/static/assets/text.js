@@ -73,7 +73,8 @@
     var box = M.clear($("doc"));
     buildByFeature();
     doc.pieces.forEach(function (s, k) {
-      box.appendChild(el("span", { class: "tok", "data-k": k }, [s]));
+      box.appendChild(el("span", { class: "tok" + (s ? "" : " partial"), "data-k": k,
+        title: s ? null : "part of a character completed by the next token" }, [s]));
       if (s.indexOf("\u23ce") >= 0) box.appendChild(el("br"));
     });
     M.clear($("doc-head")).appendChild(el("h1", {}, [title]));

@@ -1,0 +1,66 @@
+"""Token display strings. A byte-level BPE token can hold part of a UTF-8 character (Arabic, CJK,
+emoji split over two or three tokens), which decodes to U+FFFD on its own. In running text each
+token shows instead the characters its bytes complete, given the tokens before it: the last token
+of a split character shows the character and the ones before it show "" (drawn as a thin mark).
+All strings pass through text.visible (control and bidi characters become visible escapes)."""
+from __future__ import annotations
+
+import codecs
+import functools
+
+from monojax import text as text_lib
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+  """GPT-2's byte-level alphabet (tokenizers' ByteLevel), character → byte."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class TokenBytes:
+  """The bytes each token id stands for (added and special tokens: their text), and `vocab`: each
+  token's display string on its own (U+FFFD for part of a character)."""
+
+  def __init__(self, tokenizer):
+    hf = tokenizer.hf
+    self.vocab = [text_lib.visible(tokenizer.decode([t])) for t in range(tokenizer.vocab_size)]
+    added = hf.get_added_tokens_decoder()
+    dec = _byte_decoder()
+    self.table: list[bytes] = []
+    for i in range(tokenizer.vocab_size):
+      if i in added:
+        self.table.append(added[i].content.encode("utf-8"))
+        continue
+      s = hf.id_to_token(i) or ""
+      if all(ch in dec for ch in s):
+        self.table.append(bytes(dec[ch] for ch in s))
+      else:  # not a byte-level token (another model family): its own decoding
+        self.table.append(tokenizer.decode([i]).encode("utf-8"))
+
+  def pieces(self, ids) -> list[str]:
+    """The display string of each token of a running sequence (-1: padding, "")."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out, last = [], -1
+    for k, t in enumerate(ids):
+      t = int(t)
+      if t < 0 or t >= len(self.table):
+        out.append("")
+        continue
+      out.append(decoder.decode(self.table[t]))
+      last = k
+    tail = decoder.decode(b"", final=True)   # an unfinished character at the end: U+FFFD
+    if tail and last >= 0:
+      out[last] += tail
+    return [text_lib.visible(p) for p in out]
+
+  def pieces_text(self, ids) -> str:
+    """The text of a token sequence (-1 skipped), decoded from its bytes as a whole."""
+    return b"".join(self.table[int(t)] for t in ids if 0 <= int(t) < len(self.table)).decode("utf-8", errors="replace")
