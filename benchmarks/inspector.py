@@ -7,7 +7,8 @@ time, the site's size (total, files, largest file, per-feature files) and, in he
 (Debian's, via playwright), the time from navigation to a feature's panels being drawn, for
 --features live features picked at random, each a fresh page load from file://. The anchor,
 measured in the same run: navigation to a page with the same script and style and no data. Also
-the time to switch feature within a loaded page. Targets (issue 16): ≤ 50 MB for 4,096 features,
+the time until the example lists below the fold are drawn too, and the time to switch feature
+within a loaded page. Targets (issue 16): ≤ 50 MB for 4,096 features,
 no giant file, < 200 ms median to a drawn feature on a 2-core CPU. A unit without live features
 prints no figures.
 """
@@ -64,15 +65,19 @@ def _browser_times(site: str, unit: str, picks: list[int]) -> dict:
     browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
     page = browser.new_page(viewport={"width": 1280, "height": 800})
 
-    def load(url: str, want: str) -> float:
+    def load(url: str, want: str, complete: list | None = None) -> float:
       page.goto("about:blank")   # a fresh document each time (a hash change alone would not reload)
       page.goto(url)
       page.wait_for_selector(f"body[data-ready={json.dumps(want)}]", state="attached", timeout=30000)
+      if complete is not None:   # the example panels, drawn a frame after the first paint
+        page.wait_for_selector(f"body[data-complete={json.dumps(want)}]", state="attached", timeout=30000)
+        complete.append(float(page.evaluate("window.monojaxCompleteAt")))
       return float(page.evaluate("window.monojaxReadyAt"))
 
     load(f"{index}#sae={unit}&feature={picks[0]}", f"{unit}/{picks[0]}")  # warm the disk cache
     anchor = [load("file://" + blank, "anchor") for _ in range(len(picks))]
-    cold = [load(f"{index}#sae={unit}&feature={i}", f"{unit}/{i}") for i in picks]
+    full: list = []
+    cold = [load(f"{index}#sae={unit}&feature={i}", f"{unit}/{i}", full) for i in picks]
     switch = []
     for i in reversed(picks):
       t0 = page.evaluate("performance.now()")
@@ -83,8 +88,38 @@ def _browser_times(site: str, unit: str, picks: list[int]) -> dict:
   os.remove(blank)
   os.remove(os.path.join(site, "assets", "anchor-ready.js"))
   med = statistics.median
-  return {"anchor_ms": med(anchor), "load_ms": med(cold), "load_p90_ms": sorted(cold)[int(0.9 * (len(cold) - 1))],
+  return {"anchor_ms": med(anchor), "load_ms": med(cold), "complete_ms": med(full), "load_p90_ms": sorted(cold)[int(0.9 * (len(cold) - 1))],
           "switch_ms": med(switch)}
+
+
+def browse_all(site: str, unit: str, n: int) -> dict:
+  """Opens every feature of `unit` in turn (hash changes in one page) and counts what went wrong:
+  console or page errors, a live feature without its logit panel or top examples."""
+  from playwright.sync_api import sync_playwright
+  problems, t0 = [], time.perf_counter()
+  with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+    page.goto("file://" + os.path.join(site, "index.html") + f"#sae={unit}&feature=0")
+    page.wait_for_selector(f'body[data-complete="{unit}/0"]', state="attached", timeout=30000)
+    counts = {"features": 0, "dead_pages": 0, "examples": 0}
+    for i in range(n):
+      if i:
+        page.evaluate(f"location.hash = 'sae={unit}&feature={i}'")
+        page.wait_for_selector(f'body[data-complete="{unit}/{i}"]', state="attached", timeout=30000)
+      got = page.evaluate("() => [document.querySelectorAll('.dead-note').length, "
+                          "document.querySelectorAll('[data-panel=logits] rect.bar').length, "
+                          "document.querySelectorAll('[data-panel=top] .ex').length, document.querySelectorAll('.ex').length]")
+      counts["features"] += 1
+      if got[0]:
+        counts["dead_pages"] += 1
+      elif not (got[1] and got[2]):
+        problems.append(f"{unit}/{i}: logit bars {got[1]}, top examples {got[2]}")
+      counts["examples"] += got[3]
+    browser.close()
+  return dict(counts, problems=problems, seconds=time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -92,6 +127,7 @@ def main() -> int:
   ap.add_argument("--workdir", required=True, help="an analysed run (RUN/analysis exists)")
   ap.add_argument("--unit", default="sae0")
   ap.add_argument("--features", type=int, default=40, help="live features timed (random, seed 0)")
+  ap.add_argument("--browse_all", action="store_true", help="also open every feature of the unit and count problems")
   args = ap.parse_args()
   import numpy as np
   from monojax.analysis import database
@@ -112,6 +148,7 @@ def main() -> int:
     sz = _sizes(out, args.unit)
     picks = [int(i) for i in random.Random(0).sample(list(live), min(args.features, live.size))]
     t = _browser_times(out, args.unit, picks)
+    every = browse_all(out, args.unit, unit.width) if args.browse_all else None
   per4096 = sz["unit_mb"] / live.size * 4096
   print(f"build: {build_s:.1f} s (samples included)")
   print(f"size: {sz['total_mb']:.1f} MB in {sz['files']:,} files (target <= 50 MB for 4,096 features); "
@@ -121,8 +158,14 @@ def main() -> int:
   print(f"navigation to drawn panels, {len(picks)} features, fresh loads from file://: median {t['load_ms']:.0f} ms, "
         f"p90 {t['load_p90_ms']:.0f} ms (target < 200 ms); anchor page (same assets, no data) {t['anchor_ms']:.0f} ms; "
         f"ratio {t['load_ms'] / max(t['anchor_ms'], 1e-3):.2f}x the anchor")
+  print(f"  all panels drawn (the example lists, below the fold at 1280x800, a frame later): median "
+        f"{t['complete_ms']:.0f} ms")
   print(f"switch feature within the page: median {t['switch_ms']:.0f} ms")
-  return 0
+  if every is not None:
+    print(f"every feature opened: {every['features']:,} pages ({every['dead_pages']:,} dead), {every['examples']:,} "
+          f"example rows drawn, {len(every['problems'])} problems in {every['seconds']:.0f} s"
+          + "".join(f"\n  {p}" for p in every["problems"][:20]))
+  return 0 if every is None or not every["problems"] else 1
 
 
 if __name__ == "__main__":

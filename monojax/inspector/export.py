@@ -133,7 +133,7 @@ def _examples(unit: database.Unit, i: int, token_bytes: tokens.TokenBytes | None
     w = win[slot]
     nz = np.flatnonzero(np.isfinite(w) & (w != 0))
     ex = [_num(val[slot]), s, p, int(bool(rep[slot])), _ints(ids), [[int(o), _num(w[o])] for o in nz]]
-    if token_bytes is not None:
+    if token_bytes is not None and token_bytes.partial[ids[ids >= 0]].any():
       vocab = token_bytes.vocab
       override = [[o, piece] for o, (t, piece) in enumerate(zip(ids, token_bytes.pieces(ids)))
                   if t >= 0 and piece != vocab[t]]

@@ -45,6 +45,13 @@ class TokenBytes:
       else:  # not a byte-level token (another model family): its own decoding
         self.table.append(tokenizer.decode([i]).encode("utf-8"))
 
+  @functools.cached_property
+  def partial(self):
+    """bool[vocab]: tokens that are not whole characters on their own (only windows holding one can
+    show other than their vocabulary strings)."""
+    import numpy as np
+    return np.array(["\ufffd" in v for v in self.vocab], bool)
+
   def pieces(self, ids) -> list[str]:
     """The display string of each token of a running sequence (-1: padding, "")."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -6,6 +6,8 @@
 (function () {
   var waiting = {};   // key -> [resolve, reject] of a load in flight
   var cache = {};     // key -> Promise of the decoded object
+  var recent = [];    // feature keys, oldest first: at most KEEP stay cached (a long session's memory)
+  var KEEP = 64;
 
   function unpack(b64) {
     var bin = atob(b64), bytes = new Uint8Array(bin.length);
@@ -39,6 +41,10 @@
         s.onload = function () { s.remove(); };
         document.head.appendChild(s);
       });
+      if (key.indexOf("/f/") >= 0 || key.indexOf("samples/") === 0) {
+        recent.push(key);
+        if (recent.length > KEEP) delete cache[recent.shift()];
+      }
       return cache[key];
     },
 
@@ -56,12 +62,13 @@
     // Marks the page drawn: body[data-ready] (tests wait on it) and window.monojaxReadyAt (ms since
     // navigation, benchmarks/inspector.py) once the browser has painted the frame with the change.
     // Resolves then, so work below the fold can follow without delaying the first paint.
-    ready: function (what) {
+    // attr "data-complete" (window.monojaxCompleteAt): the feature's last panels are drawn too.
+    ready: function (what, attr) {
       return new Promise(function (resolve) {
         requestAnimationFrame(function () {
           setTimeout(function () {
-            window.monojaxReadyAt = performance.now();
-            document.body.setAttribute("data-ready", what);
+            window[attr === "data-complete" ? "monojaxCompleteAt" : "monojaxReadyAt"] = performance.now();
+            document.body.setAttribute(attr || "data-ready", what);
             resolve();
           }, 0);
         });

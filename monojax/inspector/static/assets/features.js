@@ -104,6 +104,13 @@
     document.body.setAttribute("data-list", [S.unit, S.order, S.mode, S.q].join("|"));   // tests wait on it
   }
 
+  function markCurrent() {
+    var rows = $("feature-list").querySelectorAll("li.current");
+    for (var k = 0; k < rows.length; k++) rows[k].classList.remove("current");
+    var row = $("feature-list").querySelector('li[data-feature="' + S.feature + '"]');
+    if (row) row.classList.add("current");
+  }
+
   function stateFor(unit, i) {
     return { sae: unit, feature: i, order: S.order === "index" ? "" : S.order, seed: S.order === "random" ? S.seed : "",
       q: S.q, mode: S.mode === "text" ? "" : S.mode };
@@ -117,8 +124,8 @@
   }
 
   // The feature's own file holds what its panels show, so a linked feature is drawn without waiting
-  // for the unit's list (idxReady).
-  function renderFeature(i, idxReady) {
+  // for the unit's list.
+  function renderFeature(i) {
     var box = $("feature"), seq = ++renderSeq, unit = S.unit, u = M.unitInfo(unit);
     var got = i >= 0 && i < u.width ? M.load(unit + "/f/" + i) : Promise.resolve(undefined);
     return got.then(function (f) {
@@ -159,12 +166,12 @@
       });
       box.appendChild(grid);
       document.title = unit + "/" + i + " · FeatureInspector";
-      // Panels marked `below` (the long example lists under the top activations) are drawn right
-      // after the first paint, so a feature shows at once and its last examples a frame later.
+      // Panels marked `below` (the example lists, under the fold) are drawn right after the first
+      // paint, so a feature shows at once and its examples a frame later.
       return M.ready(unit + "/" + i).then(function () {
         if (seq !== renderSeq) return;
         later.forEach(function (p) { fill(p[0], p[1]); });
-        document.body.setAttribute("data-complete", unit + "/" + i);
+        return M.ready(unit + "/" + i, "data-complete");
       });
     }).catch(function (e) { if (seq === renderSeq) { M.clear(box).appendChild(el("p", { class: "load-error" }, [e.message])); } });
   }
@@ -184,17 +191,24 @@
     var fi = h.feature !== undefined && /^\d+$/.test(h.feature) ? parseInt(h.feature, 10) : null;
     if (unit !== S.unit || !index) { index = null; listKey = null; }
     S.unit = unit;
-    var idxReady = index ? Promise.resolve() : M.load(unit + "/index").then(function (idx) { if (S.unit === unit) index = idx; });
-    var drawn = null;
-    if (fi !== null) { S.feature = fi; drawn = renderFeature(fi, idxReady); }   // at once, beside the list's load
+    var loadIndex = function () {
+      return index ? Promise.resolve() : M.load(unit + "/index").then(function (idx) { if (S.unit === unit) index = idx; });
+    };
+    var drawn = null, idxReady;
+    if (fi !== null) {   // the feature first (its own file has all its panels need), then the list
+      S.feature = fi;
+      drawn = renderFeature(fi);
+      idxReady = drawn.then(loadIndex);
+    } else idxReady = loadIndex();
     return idxReady.then(function () {
       if (S.unit !== unit) return;
       fillControls();
       var key = [S.unit, S.order, S.seed, S.q, S.mode].join("\u0000");
-      if (key !== listKey) { listKey = key; S.shown = PAGE; computeOrder(); computeMatches(); }
+      var same = key === listKey;
+      if (!same) { listKey = key; S.shown = PAGE; computeOrder(); computeMatches(); }
       if (fi === null) { S.feature = matches.length ? matches[0] : null; drawn = S.feature === null ?
-        renderNone() : renderFeature(S.feature, idxReady); }
-      return drawn.then(renderList);
+        renderNone() : renderFeature(S.feature); }
+      return drawn.then(same ? markCurrent : renderList);   // the same list: only its highlight moves
     }).catch(M.fail);
   }
 
@@ -248,7 +262,7 @@
     var h = M.getHash();
     if (!h.sae || !/^[A-Za-z0-9_]+$/.test(h.sae)) return;
     if (h.feature !== undefined && /^\d+$/.test(h.feature)) M.load(h.sae + "/f/" + h.feature).catch(function () {});
-    M.load(h.sae + "/index").catch(function () {});
+    else M.load(h.sae + "/index").catch(function () {});   // with a feature, the list loads after it is drawn
   })();
 
   document.addEventListener("DOMContentLoaded", function () {

@@ -1,5 +1,6 @@
 // FeatureInspector panels. Each is {id, title, wide, below, when(ctx), render(ctx) -> Node | null}
-// (below: drawn just after the first paint; when: whether the panel applies); a panel is one
+// (below: below the fold at 1280×800, drawn just after the first paint; when: whether the panel
+// applies); a panel is one
 // <section data-panel="id">, so adding one is adding an entry to monojax.PANELS.
 // ctx: {site, unit (site.units entry), index (the unit's feature list), i, f (the feature's data
 // file, null for a dead feature), go(unit, i) (select a feature)}.
@@ -190,7 +191,7 @@
       if (!out.firstChild) out.appendChild(el("p", { class: "empty" }, ["No family across widths (the run has one dictionary) and no universality match (python -m monojax.analyze --compare)."]));
       return out;
     } },
-    { id: "top", title: "Top activations", wide: true, render: function (ctx) {
+    { id: "top", title: "Top activations", wide: true, below: true, render: function (ctx) {
       var g = groups(ctx, function (n) { return n === "top"; });
       return g.length ? exampleGroup(ctx, g[0]) : null;
     } },

@@ -73,9 +73,11 @@
     var box = M.clear($("doc"));
     buildByFeature();
     doc.pieces.forEach(function (s, k) {
+      // a newline (shown ⏎) breaks the line inside its token, so the indentation after it shows
+      var parts = [];
+      s.split("\u23ce").forEach(function (p, j) { if (j) parts.push("\u23ce", el("br")); if (p) parts.push(p); });
       box.appendChild(el("span", { class: "tok" + (s ? "" : " partial"), "data-k": k,
-        title: s ? null : "part of a character completed by the next token" }, [s]));
-      if (s.indexOf("\u23ce") >= 0) box.appendChild(el("br"));
+        title: s ? null : "part of a character completed by the next token" }, parts));
     });
     M.clear($("doc-head")).appendChild(el("h1", {}, [title]));
     $("doc-head").appendChild(el("p", { class: "muted" }, [doc.tokens.length + " tokens" + (doc.truncated ? " (cut)" : "") +
