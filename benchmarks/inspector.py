@@ -104,20 +104,29 @@ def browse_all(site: str, unit: str, n: int) -> dict:
     page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
     page.goto("file://" + os.path.join(site, "index.html") + f"#sae={unit}&feature=0")
     page.wait_for_selector(f'body[data-complete="{unit}/0"]', state="attached", timeout=30000)
-    counts = {"features": 0, "dead_pages": 0, "examples": 0}
-    for i in range(n):
-      if i:
-        page.evaluate(f"location.hash = 'sae={unit}&feature={i}'")
-        page.wait_for_selector(f'body[data-complete="{unit}/{i}"]', state="attached", timeout=30000)
-      got = page.evaluate("() => [document.querySelectorAll('.dead-note').length, "
-                          "document.querySelectorAll('[data-panel=logits] rect.bar').length, "
-                          "document.querySelectorAll('[data-panel=top] .ex').length, document.querySelectorAll('.ex').length]")
-      counts["features"] += 1
-      if got[0]:
-        counts["dead_pages"] += 1
-      elif not (got[1] and got[2]):
-        problems.append(f"{unit}/{i}: logit bars {got[1]}, top examples {got[2]}")
-      counts["examples"] += got[3]
+    # the loop runs in the page (one round trip per feature would measure the driver)
+    counts = page.evaluate("""async (n) => {
+      const unit = new URLSearchParams(location.hash.slice(1)).get('sae');
+      const out = {features: 0, dead_pages: 0, examples: 0, bad: []};
+      const complete = (want) => new Promise((resolve) => {
+        if (document.body.getAttribute('data-complete') === want) return resolve();
+        const obs = new MutationObserver(() => {
+          if (document.body.getAttribute('data-complete') === want) { obs.disconnect(); resolve(); }
+        });
+        obs.observe(document.body, {attributes: true});
+      });
+      for (let i = 0; i < n; i++) {
+        if (i) { location.hash = 'sae=' + unit + '&feature=' + i; }
+        await complete(unit + '/' + i);
+        const dead = document.querySelectorAll('.dead-note').length;
+        const bars = document.querySelectorAll('[data-panel=logits] rect.bar').length;
+        const top = document.querySelectorAll('[data-panel=top] .ex').length;
+        out.features++; out.examples += document.querySelectorAll('.ex').length;
+        if (dead) out.dead_pages++; else if (!(bars && top)) out.bad.push(unit + '/' + i + ': logit bars ' + bars + ', top examples ' + top);
+      }
+      return out;
+    }""", n)
+    problems.extend(counts.pop("bad"))
     browser.close()
   return dict(counts, problems=problems, seconds=time.perf_counter() - t0)
 

@@ -1,12 +1,13 @@
 """Atomic file writes: a file is written under a temporary name in its own directory and renamed
 into place, so a reader (or a resumed job after kill -9) sees the old file or the new one, never
-half of one. The temporary name carries the process id, so two processes writing the same path
+half of one (a folder: `replace_dir`). The temporary name carries the process id, so two processes writing the same path
 do not write into each other's temporary file."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 from typing import Iterator
 
 
@@ -35,3 +36,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj, **dump_kwargs) -> None:
   """json.dumps(obj, **dump_kwargs) written to `path` atomically."""
   atomic_write(path, json.dumps(obj, **dump_kwargs))
+
+
+def replace_dir(tmp: str, final: str) -> None:
+  """Puts a completely written folder `tmp` in place of `final` (which may not exist): the old folder
+  is moved aside first and removed only once the new one is in place."""
+  old = None
+  if os.path.exists(final):
+    old = f"{final}.old-{os.getpid()}"
+    os.rename(final, old)
+  os.rename(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)

@@ -81,13 +81,7 @@ def write(final: str, meta: dict, tokens: np.ndarray, units: dict[str, dict], ex
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, **arrays)
   files.atomic_write_json(os.path.join(tmp, "meta.json"), dict(meta, schema=SCHEMA), indent=1)
-  old = None
-  if os.path.exists(final):
-    old = f"{final}.old-{os.getpid()}"
-    os.rename(final, old)
-  os.rename(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
+  files.replace_dir(tmp, final)
   log(f"analyze: wrote the feature database {final}")
   return final
 

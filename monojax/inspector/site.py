@@ -123,13 +123,7 @@ def build(workdir: str, *, out: str | None = None, samples: bool = True, run=Non
     files.atomic_write_json(os.path.join(tmp, "site.json"),
                             {"schema": SCHEMA, "run": workdir, "step": db.meta.get("step"), "files": n_files,
                              "built_seconds": round(time.time() - t0, 1)}, indent=1)
-    old = None
-    if os.path.exists(final):
-      old = f"{final}.old-{os.getpid()}"
-      os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    files.replace_dir(tmp, final)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   index = os.path.join(final, "index.html")

@@ -8,21 +8,10 @@ from __future__ import annotations
 import codecs
 import functools
 
+import numpy as np
+
 from monojax import text as text_lib
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-  """GPT-2's byte-level alphabet (tokenizers' ByteLevel), character → byte."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return {chr(c): b for b, c in zip(bs, cs)}
+from monojax.analysis import proxies
 
 
 class TokenBytes:
@@ -30,26 +19,14 @@ class TokenBytes:
   token's display string on its own (U+FFFD for part of a character)."""
 
   def __init__(self, tokenizer):
-    hf = tokenizer.hf
     self.vocab = [text_lib.visible(tokenizer.decode([t])) for t in range(tokenizer.vocab_size)]
-    added = hf.get_added_tokens_decoder()
-    dec = _byte_decoder()
-    self.table: list[bytes] = []
-    for i in range(tokenizer.vocab_size):
-      if i in added:
-        self.table.append(added[i].content.encode("utf-8"))
-        continue
-      s = hf.id_to_token(i) or ""
-      if all(ch in dec for ch in s):
-        self.table.append(bytes(dec[ch] for ch in s))
-      else:  # not a byte-level token (another model family): its own decoding
-        self.table.append(tokenizer.decode([i]).encode("utf-8"))
+    table, _ = proxies.token_bytes(tokenizer)   # special ids (None): their text, as decode shows them
+    self.table = [b if b is not None else tokenizer.decode([i]).encode("utf-8") for i, b in enumerate(table)]
 
   @functools.cached_property
   def partial(self):
     """bool[vocab]: tokens that are not whole characters on their own (only windows holding one can
     show other than their vocabulary strings)."""
-    import numpy as np
     return np.array(["\ufffd" in v for v in self.vocab], bool)
 
   def pieces(self, ids) -> list[str]:

@@ -247,8 +247,7 @@
       e.preventDefault();
       go(S.unit, parseInt(li.getAttribute("data-feature"), 10));
     });
-    window.addEventListener("popstate", route);
-    window.addEventListener("hashchange", route);
+    window.addEventListener("hashchange", route);   // back/forward between our entries fire it too
     document.addEventListener("keydown", function (e) {
       if (e.target.closest("input, select, textarea")) return;
       if (e.key === "j" || e.key === "ArrowDown") step(1);
