@@ -68,6 +68,10 @@ def test_end_of_run_writes_database_report_and_preview(trained):
   assert "top logit tokens:" in preview
   assert any("(written to" in line and "picked for" in line for line in logged)
   assert not os.path.exists(os.path.join(wd, "plots"))  # not the quick val-split preview
+  # then the inspector site, and the page to open is the last thing said
+  index = os.path.join(wd, "inspector", "index.html")
+  assert os.path.exists(index) and os.path.exists(os.path.join(wd, "inspector", "data", "sae1", "index.js"))
+  assert logged[-1].endswith(f"open file://{index}")
 
 
 def _read(path):

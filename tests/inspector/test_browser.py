@@ -171,6 +171,7 @@ def test_search_orderings_and_url_state(browser, inspector_site, db):
   pg.ready("sae1/7")
   assert (pg.p.locator("#unit").input_value(), pg.p.locator("#ordering").input_value(),
           pg.p.locator("#search-mode").input_value()) == ("sae1", "max", "regex")
+  pg.p.wait_for_selector('body[data-list="sae1|max|regex|"]', state="attached")
   pg.p.locator("#feature-list li a").nth(2).click()
   second = pg.attrs("#feature-list li", "data-feature")[2]
   pg.ready(f"sae1/{second}")

@@ -10,10 +10,10 @@
 
   function $(id) { return document.getElementById(id); }
 
-  function orderings(u, idx) {
+  function orderings(unit) {   // from site.js alone, so the controls show before the list loads
     var o = [["index", "index"], ["random", "random"], ["density", "density (high first)"], ["max", "max activation"]];
-    if (idx.proxy) o.push(["proxy", "proxy specificity"]);
-    if (idx.score) o.push(["score", "autointerp score"]);
+    if (M.site.proxies.length) o.push(["proxy", "proxy specificity"]);
+    if (M.unitInfo(unit).explanations) o.push(["score", "autointerp score"]);
     return o;
   }
 
@@ -194,6 +194,7 @@
     var loadIndex = function () {
       return index ? Promise.resolve() : M.load(unit + "/index").then(function (idx) { if (S.unit === unit) index = idx; });
     };
+    fillControls();
     var drawn = null, idxReady;
     if (fi !== null) {   // the feature first (its own file has all its panels need), then the list
       S.feature = fi;
@@ -202,7 +203,6 @@
     } else idxReady = loadIndex();
     return idxReady.then(function () {
       if (S.unit !== unit) return;
-      fillControls();
       var key = [S.unit, S.order, S.seed, S.q, S.mode].join("\u0000");
       var same = key === listKey;
       if (!same) { listKey = key; S.shown = PAGE; computeOrder(); computeMatches(); }
@@ -220,7 +220,7 @@
   function fillControls() {
     M.fillUnits($("unit"), S.unit);
     var sel = M.clear($("ordering"));
-    orderings(S.unit, index).forEach(function (o) { sel.appendChild(el("option", { value: o[0], selected: o[0] === S.order }, [o[1]])); });
+    orderings(S.unit).forEach(function (o) { sel.appendChild(el("option", { value: o[0], selected: o[0] === S.order }, [o[1]])); });
     if ($("search").value !== S.q) $("search").value = S.q;
     $("search-mode").value = S.mode;
   }
