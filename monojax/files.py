@@ -48,3 +48,19 @@ def replace_dir(tmp: str, final: str) -> None:
   os.rename(tmp, final)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_refusal(final: str, marker: str, schema_prefix: str) -> str | None:
+  """Why a folder that a verb writes whole must not replace `final`, or None: it may replace an
+  earlier one of its kind (its `marker` JSON file names a schema starting with `schema_prefix`) or an
+  empty folder; anything else there is somebody's files. Returns "foreign" or "not a folder"."""
+  if os.path.isdir(final) and os.listdir(final):
+    try:
+      with open(os.path.join(final, marker)) as f:
+        ours = str(json.load(f).get("schema", "")).startswith(schema_prefix)
+    except (OSError, ValueError, AttributeError):
+      ours = False
+    return None if ours else "foreign"
+  if os.path.exists(final) and not os.path.isdir(final):
+    return "not a folder"
+  return None

@@ -18,7 +18,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
-from run_fixtures import HOSTILE  # noqa: E402 (tests/run_fixtures.py)
+from run_fixtures import HOSTILE, tiny_config, train_in_process  # noqa: E402 (tests/run_fixtures.py)
 
 
 @pytest.fixture(scope="session")
@@ -89,25 +89,7 @@ def analysis_corpus(tmp_path_factory, pydoc_texts):
 def cotrained_run_template(analysis_corpus, tmp_path_factory):
   """A finished tiny co-trained run (d_model 32, d_mlp 64, 2 SAEs of 64 and 96 features, seq_len 16,
   8 steps, no analysis), trained once per session. Tests copy it (copy_run) and own their copy."""
-  from monojax.config import base_config
-  from monojax.train import job as job_lib, loop
-  quiet = lambda *a, **k: None  # noqa: E731
   base = tmp_path_factory.mktemp("template")
-  c = base_config()
-  c.data.path, c.data.tokenizer, c.data.index_dir = analysis_corpus, "bpe:400", str(base / "idx")
-  c.data.seq_len, c.data.global_batch, c.data.count_tokens, c.preview_batches = 16, 8, False, 0
-  c.model.d_model, c.model.d_mlp, c.model.n_heads, c.model.d_head = 32, 64, 2, 16
-  c.train.steps, c.train.ckpt_every, c.train.eval_every, c.train.eval_batches = 8, 8, 0, 1
-  c.train.log_every, c.train.warmup_steps, c.train.async_checkpoints = 4, 2, False
-  c.sae.saes = "64:0.004:2023,96:0.004:2023"
-  c.sae.start_step, c.sae.buffer_steps, c.sae.positions_per_context, c.sae.batch_size = 1, 1, 8, 32
-  c.analysis.tokens = 0
   workdir = str(base / "run")
-  job = job_lib.setup(c, workdir, quiet)
-  preempt = loop._Preemption(quiet)
-  try:
-    loop._steps(job, preempt, quiet)
-  finally:
-    preempt.restore()
-    job.close()
+  train_in_process(tiny_config(analysis_corpus, str(base / "idx")), workdir)
   return workdir

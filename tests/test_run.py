@@ -11,41 +11,23 @@ import numpy as np
 import pytest
 
 from monojax import errors
-from monojax.config import base_config
 from monojax.run import Run
 from monojax.sae import catalogue, core as sae_core
-from monojax.train import job as job_lib, loop, step as step_lib
+from monojax.train import step as step_lib
+from run_fixtures import tiny_config, train_in_process
 
 SAES = "64:0.004:2023,64:0.01:2023,32::2024,48:0:topk"  # three groups, a λ sweep, a TopK SAE
-quiet = lambda *a, **k: None  # noqa: E731
 
 
 def _cfg(tiny_corpus, index_dir, **overrides):
-  c = base_config()
-  c.data.path, c.data.tokenizer, c.data.index_dir = tiny_corpus, "bpe:400", str(index_dir)
-  c.data.seq_len, c.data.global_batch, c.data.count_tokens, c.preview_batches = 16, 8, False, 0
-  c.model.d_model, c.model.d_mlp, c.model.n_heads, c.model.d_head = 32, 64, 2, 16
-  c.train.steps, c.train.ckpt_every, c.train.eval_every, c.train.eval_batches = 6, 3, 0, 1
-  c.train.log_every, c.train.warmup_steps, c.train.async_checkpoints = 3, 2, False
-  c.sae.saes, c.sae.topk_k, c.sae.aux_k = SAES, 4, 8
-  c.sae.start_step, c.sae.buffer_steps, c.sae.positions_per_context, c.sae.batch_size = 1, 1, 8, 32
-  for k, v in overrides.items():
-    section, _, field = k.rpartition(".")
-    setattr(c[section] if section else c, field, v)
-  return c
+  return tiny_config(tiny_corpus, index_dir, **{
+      "train.steps": 6, "train.ckpt_every": 3, "train.log_every": 3, "sae.saes": SAES, "sae.topk_k": 4,
+      "sae.aux_k": 8, **overrides})
 
 
 def _train(cfg, workdir):
-  """Trains in this process (job.setup + the step loop, as loop.run does) and returns the job,
-  whose state is the in-memory training state at the last (checkpointed) step."""
-  job = job_lib.setup(cfg, str(workdir), quiet)
-  preempt = loop._Preemption(quiet)
-  try:
-    loop._steps(job, preempt, quiet)
-  finally:
-    preempt.restore()
-    job.close()
-  return job
+  """The in-memory training state at the last (checkpointed) step, as a job (run_fixtures)."""
+  return train_in_process(cfg, workdir)
 
 
 def _snapshot(root):

@@ -45,16 +45,10 @@ def database_dir(workdir: str) -> str:
 def check_writable(final: str) -> None:
   """A database folder may replace only an earlier database (or an empty folder): anything else
   there is somebody's files, left untouched."""
-  if os.path.isdir(final) and os.listdir(final):
-    try:
-      with open(os.path.join(final, "meta.json")) as f:
-        ours = str(json.load(f).get("schema", "")).startswith("monojax-analysis/")
-    except (OSError, ValueError):
-      ours = False
-    if not ours:
-      raise errors.UserInputError(f"{final}: exists and is not a feature database; choose another --out "
-                                  "(nothing there is replaced)")
-  elif os.path.exists(final) and not os.path.isdir(final):
+  why = files.replace_refusal(final, "meta.json", "monojax-analysis/")
+  if why == "foreign":
+    raise errors.UserInputError(f"{final}: exists and is not a feature database; choose another --out (nothing there is replaced)")
+  if why:
     raise errors.UserInputError(f"{final}: exists and is not a folder; choose another --out")
 
 

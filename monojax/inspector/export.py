@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from monojax.analysis import database, stats
+from monojax.analysis import database
 from monojax.inspector import tokens
 
 INDEX_TOKENS = 3      # distinct top-activating tokens and top logit tokens listed per feature
@@ -117,22 +117,13 @@ def _examples(unit: database.Unit, i: int, token_bytes: tokens.TokenBytes | None
   [value, seq, pos, repeated, ids[WINDOW] (-1 outside the sequence), [[offset, act], ...] non-zero,
   [[offset, piece], ...]]: the last, only where a token shows other than its vocabulary string (a
   character split over tokens, shown whole by the token completing it; tokens.py)."""
-  seq, pos, val = (np.asarray(unit.array(n)[i]) for n in ("ex_seq", "ex_pos", "ex_val"))
-  win, rep = np.asarray(unit.array("ex_win")[i], np.float64), np.asarray(unit.array("ex_repeated")[i])
-  toks = unit.db.tokens
   groups: list[dict] = []
-  for slot in np.nonzero(seq >= 0)[0]:
-    name = database.GROUP_NAMES[database.EX_GROUP[slot]]
-    if not groups or groups[-1]["name"] != name:
-      groups.append({"name": name, "ex": []})
-    s, p = int(seq[slot]), int(pos[slot])
-    lo = p - stats.LEFT
-    ids = np.full(stats.WINDOW, -1, np.int64)
-    src = toks[s, max(0, lo):min(toks.shape[1], p + stats.RIGHT + 1)]
-    ids[max(0, -lo):max(0, -lo) + len(src)] = src
-    w = win[slot]
+  for e in unit.examples(i):   # the database's own windows (token ids, -1 outside the sequence)
+    if not groups or groups[-1]["name"] != e["group"]:
+      groups.append({"name": e["group"], "ex": []})
+    ids, w = np.asarray(e["tokens"]), np.asarray(e["acts"], np.float64)
     nz = np.flatnonzero(np.isfinite(w) & (w != 0))
-    ex = [_num(val[slot]), s, p, int(bool(rep[slot])), _ints(ids), [[int(o), _num(w[o])] for o in nz]]
+    ex = [_num(e["value"]), e["seq"], e["pos"], int(e["repeated"]), _ints(ids), [[int(o), _num(w[o])] for o in nz]]
     if token_bytes is not None and token_bytes.partial[ids[ids >= 0]].any():
       vocab = token_bytes.vocab
       override = [[o, piece] for o, (t, piece) in enumerate(zip(ids, token_bytes.pieces(ids)))

@@ -40,16 +40,10 @@ def site_dir(workdir: str) -> str:
 
 def check_writable(final: str) -> None:
   """The site may replace only an earlier site (or an empty folder): anything else is left alone."""
-  if os.path.isdir(final) and os.listdir(final):
-    try:
-      with open(os.path.join(final, "site.json")) as f:
-        ours = str(json.load(f).get("schema", "")).startswith("monojax-inspector/")
-    except (OSError, ValueError, AttributeError):
-      ours = False
-    if not ours:
-      raise errors.UserInputError(f"{final}: exists and is not an inspector site; choose another --out "
-                                  "(nothing there is replaced)")
-  elif os.path.exists(final) and not os.path.isdir(final):
+  why = files.replace_refusal(final, "site.json", "monojax-inspector/")
+  if why == "foreign":
+    raise errors.UserInputError(f"{final}: exists and is not an inspector site; choose another --out (nothing there is replaced)")
+  if why:
     raise errors.UserInputError(f"{final}: exists and is not a folder; choose another --out")
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from monojax import text
 from monojax.analysis import database, first_look, report
-from monojax.config import base_config
 from monojax.train import loop
+from run_fixtures import tiny_config
 
 HOSTILE = json.loads((pathlib.Path(__file__).parent.parent / "fixtures" / "hostile.json").read_text(encoding="utf-8"))
 TOKENS = 2048
@@ -39,16 +39,9 @@ def trained(corpus, tmp_path_factory):
   """A run trained by the main loop (loop.run) with analysis.tokens = TOKENS: its end-of-run step
   writes the database, report and preview. Returns (workdir, log lines)."""
   base = tmp_path_factory.mktemp("rrun")
-  c = base_config()
-  c.data.path, c.data.tokenizer, c.data.index_dir = corpus, "bpe:400", str(base / "idx")
-  c.data.seq_len, c.data.global_batch, c.data.count_tokens, c.preview_batches = 16, 8, False, 0
-  c.model.d_model, c.model.d_mlp, c.model.n_heads, c.model.d_head = 32, 64, 2, 16
-  c.train.steps, c.train.ckpt_every, c.train.eval_every, c.train.eval_batches = 8, 8, 4, 1
-  c.train.log_every, c.train.warmup_steps, c.train.async_checkpoints = 2, 2, False
-  c.sae.saes = "64:0.004:2023,128:0.004:2023"
-  c.sae.start_step, c.sae.buffer_steps, c.sae.positions_per_context, c.sae.batch_size = 1, 1, 8, 32
-  c.sae.min_ablation_gap = 0.0
-  c.analysis.tokens = TOKENS
+  c = tiny_config(corpus, str(base / "idx"), **{
+      "train.eval_every": 4, "train.log_every": 2, "sae.saes": "64:0.004:2023,128:0.004:2023",
+      "sae.min_ablation_gap": 0.0, "analysis.tokens": TOKENS})
   logged = []
   loop.run(c, str(base / "run"), log=logged.append)
   return str(base / "run"), [str(x) for x in logged]
