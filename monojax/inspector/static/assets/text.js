@@ -48,7 +48,9 @@
 
   function showToken(k) {
     var fs = featuresOf()[k] || [], active = (doc.units[S.unit] || {}).active || [];
-    $("token-head").textContent = "Token " + k + ": \u201c" + (doc.pieces[k] || "") + "\u201d · " + (active[k] || 0) + " active";
+    // the token in a bidi-isolated span: an Arabic or Hebrew piece must not reorder the heading
+    M.clear($("token-head")).append("Token " + k + ": ", el("span", { class: "tok plain" }, [doc.pieces[k] || ""]),
+      " · " + (active[k] || 0) + " active");
     var list = M.clear($("token-features"));
     fs.forEach(function (p) {
       var li = el("li", { class: "tf" + (p[0] === S.feature ? " current" : ""), "data-feature": p[0], tabindex: 0 }, [
