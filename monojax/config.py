@@ -97,6 +97,9 @@ def base_config() -> config_dict.ConfigDict:
   an.tokens = 1_000_000            # after a co-training run: tokens of the corpus's analysis split run through the
                                    # LM and SAEs (the feature database RUN/analysis, RUN/report.md, preview.md, as
                                    # python -m monojax.analyze writes them); 0 = only the quick preview of the val split
+  an.autointerp = "offline"        # then autointerp of every live feature and neuron with the offline baseline (no
+                                   # model; RUN/autointerp, the report and the inspector show it); "" = skip. A
+                                   # language model: python -m monojax.autointerp --backend=anthropic|openai
 
   c.preview_batches = 20           # batches pulled to measure pipeline throughput at start (0 = skip)
   return c
@@ -110,7 +113,7 @@ _READS_VERSIONS = (1, 2)
 # absence (the behaviour of the monojax that wrote it).
 ADDED_FIELDS = {"sae.normalize_inputs": False, "sae.min_ablation_gap": 0.01, "sae.alarm_dead_frac": 0.9,
                 "data.max_line_bytes": 64 << 20, "data.analysis_files": "analysis/*.jsonl.zst",
-                "analysis.tokens": 0}
+                "analysis.tokens": 0, "analysis.autointerp": ""}
 # What a resumed run may change: cadence, logging, performance switches and the machine it runs on.
 # Every other field changes the state or the data stream: a resume with it changed is refused.
 RESUMABLE = ("name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",

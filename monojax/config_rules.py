@@ -25,6 +25,7 @@ CHOICES = {
     "train.ce_kernel": ("auto", "on", "off"),
     "sae.sparse_update": ("auto", "on", "off"),
     "toy.magnitude": ("uniform", "exponential", "constant"),
+    "analysis.autointerp": ("offline", ""),   # a language model needs flags and a key: python -m monojax.autointerp
 }
 # field: (low, high, low inclusive, high inclusive); ANY = unbounded on that side
 RANGES = {

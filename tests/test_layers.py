@@ -21,6 +21,7 @@ LAYERS = [
     ("run",),
     ("analysis",),
     ("inspector",),
+    ("autointerp",),
     ("train",),
     ("main", "analyze", "inspect"),
 ]

@@ -6,6 +6,8 @@ Layout (`RUN/analysis/`, one writer: the pass writes `analysis.tmp-<pid>/` and r
   <unit>/<array>.npy   per-unit columnar arrays, first axis = feature (or neuron) index
   <unit>/proxies.json  per proxy: the best feature/neuron and its precision, recall, correlation
   families/<a>__<b>.npz  feature splitting between two SAEs of the run (when it has several)
+Autointerp results live beside it (RUN/autointerp, analysis/explanations.py); `feature(i)` adds them
+as rec["autointerp"] (explanation, scores, label, model) when the run has them.
 
 Units: "neurons" (the MLP's d_mlp post-ReLU neurons) and one per SAE ("sae0", ...). Arrays are
 read memory-mapped, so `db.feature(i)` touches only feature i's rows; nothing loads a whole unit.
@@ -24,7 +26,7 @@ import shutil
 import numpy as np
 
 from monojax import errors, files
-from monojax.analysis import stats
+from monojax.analysis import explanations as explanations_lib, stats
 
 SCHEMA = "monojax-analysis/1"
 DIRNAME = "analysis"
@@ -127,7 +129,19 @@ class Unit:
       if os.path.exists(os.path.join(self.path, f"{n}.npy")):
         rec[n] = a(n)
     rec["examples"] = self.examples(i)
+    ai = self.autointerp()
+    if ai is not None and i in ai["features"]:
+      rec["autointerp"] = dict(explanations_lib.feature_summary(ai["features"][i]), label=ai["label"],
+                               baseline=bool(ai.get("baseline")), model=ai.get("model"))
     return rec
+
+  def autointerp(self) -> dict | None:
+    """The unit's autointerp results (RUN/autointerp, the preferred label; analysis/explanations.py),
+    read once; None when there are none or the database is not inside a run."""
+    if not hasattr(self, "_autointerp"):
+      wd = self.db.workdir
+      self._autointerp = explanations_lib.load(wd, self.name) if wd else None
+    return self._autointerp
 
   def examples(self, i: int) -> list[dict]:
     seq, pos, val = (np.asarray(self.array(n)[i]) for n in ("ex_seq", "ex_pos", "ex_val"))
@@ -160,6 +174,11 @@ class FeatureDatabase:
       raise errors.RunFormatError(f"{meta_path}: schema {self.meta.get('schema')!r}, this monojax reads {SCHEMA!r}")
     self._units: dict[str, Unit] = {}
     self._tokens = None
+
+  @property
+  def workdir(self) -> str | None:
+    """The run this database belongs to (RUN of RUN/analysis), or None for a database elsewhere."""
+    return os.path.dirname(self.path) if os.path.basename(self.path.rstrip(os.sep)) == DIRNAME else None
 
   @property
   def n_tokens(self) -> int:

@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 from monojax import errors, files, text
-from monojax.analysis import database
+from monojax.analysis import database, explanations as explanations_lib
 from monojax.sae import metrics as sae_metrics
 
 REPORT = "report.md"
@@ -304,6 +304,98 @@ def _splitting_section(db, tokenizer) -> list[str]:
   return lines
 
 
+_SCORER_KEYS = (("simulation", "spearman", "simulation (Spearman)"), ("detection", "balanced_accuracy", "detection"),
+                ("fuzzing", "balanced_accuracy", "fuzzing"), ("logits", "accuracy", "logits"))
+
+
+def _scores(doc: dict, scorer: str, key: str) -> np.ndarray:
+  vals = [((r.get("scores") or {}).get(scorer) or {}).get(key) for r in doc["features"].values()]
+  return np.asarray([v for v in vals if v is not None], np.float64)
+
+
+def _autointerp_plot(docs: dict, path: str, title: str) -> bool:
+  """Per scorer, the score histograms of every unit (features against neurons) on one axis."""
+  present = [(sc, key, name) for sc, key, name in _SCORER_KEYS if any(_scores(d, sc, key).size for d in docs.values())]
+  if not present:
+    return False
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(3.2 * len(present), 3.2), dpi=120)
+  FigureCanvasAgg(fig)
+  for k, (sc, key, name) in enumerate(present):
+    ax = fig.add_subplot(1, len(present), k + 1)
+    lo = -1.0 if sc == "simulation" else 0.0
+    bins = np.linspace(lo, 1.0, 21 if sc == "simulation" else 11)
+    for unit, doc in docs.items():
+      v = _scores(doc, sc, key)
+      if v.size:
+        ax.hist(v, bins=bins, histtype="step", linewidth=1.6, density=True,
+                label=f"{'neurons' if unit == 'neurons' else unit} (n={v.size:,}, median {np.median(v):.2f})")
+    if sc != "simulation":
+      ax.axvline(0.5, color="0.6", linestyle=":", linewidth=1)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("score", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="upper left")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)
+  return True
+
+
+def _autointerp_section(workdir: str, db, out_dir: str) -> list[str]:
+  """Autointerp results (python -m monojax.autointerp): per backend and model, each unit's score
+  distributions, features against neurons (the paper's comparison)."""
+  labels = explanations_lib.labels(workdir)
+  lines = ["## Automated interpretability", ""]
+  if not labels:
+    return lines + ["Not run yet: `python -m monojax.autointerp --workdir=RUN --neurons` (offline baseline; "
+                    "`--backend=anthropic|openai --model=NAME` for a language model).", ""]
+  lines += ["Each feature is explained from its examples, then the explanation is scored on examples it was not "
+            "made from: **simulation** (the paper's score: Spearman correlation of predicted 0-9 activations with "
+            "the true ones over ~60 contexts), **detection** and **fuzzing** (balanced accuracy of telling contexts / "
+            "marked tokens where it fires; chance 0.5), **logits** (which tokens it promotes; chance 0.5). Features "
+            "with fewer than 20 distinct examples are excluded, as in the paper. Single-token: every top example "
+            "peaks on the same token.", ""]
+  for label in labels:
+    docs = {u: d for u in db.unit_names if (d := explanations_lib.load(workdir, u, label)) is not None}
+    if not docs:
+      continue
+    first = next(iter(docs.values()))
+    if first.get("baseline"):
+      lines += [f"### {label}: the offline baseline", "",
+                "No language model: explanations are the examples' dominant tokens, script and preceding token, and "
+                "the simulator predicts from that sentence alone. It is the floor any model's score must beat.", ""]
+    else:
+      usage = first.get("usage") or {}
+      cost = (f"${usage['cost_usd']:.2f}" if usage.get("cost_known") else "cost unknown") if usage else "—"
+      lines += [f"### {text.visible(label)}", "",
+                f"Backend {text.markdown_code(str(first.get('backend')))}, model "
+                f"{text.markdown_code(str(first.get('model')))}, prompts "
+                f"{text.markdown_code(str(first.get('prompt_version')))}; last job: {cost}.", ""]
+    lines += ["| unit | explained | excluded | single-token | simulation median (mean) | detection | fuzzing | logits |"
+              " parse failures |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for unit, doc in docs.items():
+      recs = list(doc["features"].values())
+      cells = []
+      for sc, key, _ in _SCORER_KEYS:
+        v = _scores(doc, sc, key)
+        cells.append(f"{np.median(v):.3f} ({np.mean(v):.3f})" if sc == "simulation" and v.size
+                     else f"{np.median(v):.3f}" if v.size else "—")
+      scored = [r for r in recs if not r.get("excluded")]
+      single = sum(1 for r in scored if r.get("single_token"))
+      parse = sum(1 for r in recs for e in (r.get("errors") or {}).values() if str(e).startswith("parse"))
+      lines.append(f"| {unit} | {sum(1 for r in recs if r.get('explanation')):,} | "
+                   f"{sum(1 for r in recs if r.get('excluded')):,} | "
+                   f"{single:,} ({single / max(1, len(scored)):.0%}) | " + " | ".join(cells) + f" | {parse:,} |")
+    lines.append("")
+    slug = re.sub(r"[^a-z0-9_]+", "_", label.lower())
+    name = f"autointerp_{slug}.png"
+    if _autointerp_plot(docs, os.path.join(out_dir, name), f"{label}: features vs neurons"):
+      lines += [f"![autointerp scores, {label}]({PLOTS}/{name})", ""]
+  return lines
+
+
 def write_report(workdir: str, log=print, *, tokenizer=None, db_path: str | None = None) -> str:
   """Writes RUN/report.md and RUN/report/*.png from metrics.jsonl, the feature database (db_path,
   default RUN/analysis) and (if present) RUN/universality; returns report.md's path. tokenizer:
@@ -359,6 +451,8 @@ def write_report(workdir: str, log=print, *, tokenizer=None, db_path: str | None
   if db:
     lines += _density_section(db, out_dir) + _proxy_section(db, tokenizer, out_dir) + _splitting_section(db, tokenizer)
   lines += _universality_section(workdir)
+  if db:
+    lines += _autointerp_section(workdir, db, out_dir)
   out = "\n".join(lines).rstrip("\n") + "\n"
   path = os.path.join(workdir, REPORT)
   files.atomic_write(path, out)

@@ -13,7 +13,6 @@ build leaves the previous site as it was; a folder there that is not an inspecto
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ import numpy as np
 
 from monojax import errors, files
 from monojax.analysis import database, stats
+from monojax.analysis import explanations as explanations_lib
 from monojax.inspector import export, live
 
 SCHEMA = "monojax-inspector/1"
@@ -47,16 +47,15 @@ def check_writable(final: str) -> None:
     raise errors.UserInputError(f"{final}: exists and is not a folder; choose another --out")
 
 
-def explanations(workdir: str, unit: str) -> dict[int, dict]:
-  """Autointerp results of a unit when the run has them (RUN/autointerp/<unit>.json: {"features":
-  {"<i>": {"explanation": str, "score": float}}}); {} otherwise, and the panels say so."""
-  path = os.path.join(workdir, "autointerp", f"{unit}.json")
-  try:
-    with open(path) as f:
-      feats = json.load(f).get("features", {})
-    return {int(k): v for k, v in feats.items() if isinstance(v, dict)}
-  except (OSError, ValueError, AttributeError):
-    return {}
+def explanations(workdir: str, unit: str) -> tuple[dict[int, dict], dict | None]:
+  """A unit's autointerp results when the run has them (analysis/explanations.py picks the label: a
+  model's over the offline baseline): ({feature: record}, {"label", "backend", "model", "baseline",
+  "prompt_version"}), or ({}, None) and the panels say how to make them."""
+  doc = explanations_lib.load(workdir, unit)
+  if doc is None:
+    return {}, None
+  source = {k: doc.get(k) for k in ("label", "backend", "model", "baseline", "prompt_version")}
+  return {i: explanations_lib.feature_summary(r) for i, r in doc["features"].items()}, source
 
 
 def _write(path: str, body: str) -> None:
@@ -140,8 +139,8 @@ def _write_data(run, db: database.FeatureDatabase, workdir: str, out: str, sampl
   for info in db.meta["units"]:
     name = info["name"]
     unit = db.unit(name)
-    expl = explanations(workdir, name)
-    index = export.unit_index(unit, proxy_names, expl)
+    expl, expl_source = explanations(workdir, name)
+    index = export.unit_index(unit, proxy_names, expl, baseline=bool(expl_source and expl_source["baseline"]))
     _write(os.path.join(data, name, "index.js"), export.script(f"{name}/index", index))
     families = export.family_links(db, name)
     universality = export.universality_links(workdir, name)
@@ -150,14 +149,14 @@ def _write_data(run, db: database.FeatureDatabase, workdir: str, out: str, sampl
       if fired[i] > 0:
         rec = export.feature_record(unit, i, proxy_names, export.links_for(i, families, universality), token_bytes)
         if i in expl:
-          rec["autointerp"] = expl[i]
+          rec["autointerp"] = dict(expl[i], baseline=bool(expl_source["baseline"]))
       else:   # a few bytes, so a link to a dead feature loads like any other (no missing-file error)
         rec = {"i": i, "dead": True, "fired": 0}
       _write(os.path.join(data, name, "f", f"{i}.js"), export.script(f"{name}/f/{i}", rec))
       n_files += 1
     units.append({"name": name, "kind": info["kind"], "width": int(info["width"]), "label": info.get("label", name),
                   "dead": int(info.get("dead", 0)), "ultralow": int(info.get("ultralow", 0)),
-                  "dense": int(info.get("dense", 0)), "explanations": bool(expl),
+                  "dense": int(info.get("dense", 0)), "explanations": bool(expl), "autointerp": expl_source,
                   "families": sorted(families), "universality": None if universality is None else {
                       "run_b": universality["run_b"], "unit_b": universality["unit_b"],
                       "n_tokens": universality["n_tokens"],

@@ -181,7 +181,8 @@ def _sae_events(job: job_lib.Job, step: int, log) -> bool:
 def _finish(job: job_lib.Job, log) -> None:
   """The end of a run with SAEs, from the run as saved (the run loader reads the final checkpoint):
   with analysis.tokens > 0 and an analysis split, the analysis pass, RUN/report.md and the feature
-  preview from the database (analysis/first_look.py), then the inspector site (RUN/inspector); else
+  preview from the database (analysis/first_look.py), the offline autointerp baseline (analysis.autointerp),
+  then the inspector site (RUN/inspector); else
   the quick preview of the val split."""
   if jax.process_count() > 1:
     log("sae: the feature preview runs in single-process jobs only; open the run on one host for it "
@@ -191,6 +192,13 @@ def _finish(job: job_lib.Job, log) -> None:
   from monojax.run import Run
   run = Run.open(job.workdir, mesh=job.mesh, log=log)
   if run.cfg.analysis.tokens > 0 and first_look.end_of_run(run, log):
+    if run.cfg.analysis.autointerp:
+      from monojax.autointerp import runner
+      try:
+        runner.run_autointerp(run.workdir, backend=run.cfg.analysis.autointerp, neurons=True, run=run, site=False,
+                              progress=False, log=log)
+      except errors.UserInputError as e:   # the run and its analysis stay done; autointerp can be re-run alone
+        log(f"autointerp: not run: {e}")
     from monojax.inspector import site
     try:
       site.build(run.workdir, run=run, log=log)   # its last line says which page to open

@@ -61,6 +61,10 @@ def test_end_of_run_writes_database_report_and_preview(trained):
   assert "top logit tokens:" in preview
   assert any("(written to" in line and "picked for" in line for line in logged)
   assert not os.path.exists(os.path.join(wd, "plots"))  # not the quick val-split preview
+  # the offline autointerp baseline (analysis.autointerp), in its folder and the report, named as such
+  for unit in ("neurons", "sae0", "sae1"):
+    assert os.path.exists(os.path.join(wd, "autointerp", "offline-baseline", f"{unit}.json")), unit
+  assert "### offline-baseline: the offline baseline" in _section(md, "Automated interpretability")
   # then the inspector site, and the page to open is the last thing said
   index = os.path.join(wd, "inspector", "index.html")
   assert os.path.exists(index) and os.path.exists(os.path.join(wd, "inspector", "data", "sae1", "index.js"))
@@ -176,7 +180,7 @@ def test_hostile_token_text_renders_as_code(trained, tmp_path):
     assert bad not in low, bad
   parsed = _Elements()
   parsed.feed(rendered)
-  assert {t for t, _ in parsed.tags} <= {"h1", "h2", "p", "ul", "li", "code", "strong", "img", "table", "thead",
+  assert {t for t, _ in parsed.tags} <= {"h1", "h2", "h3", "p", "ul", "li", "code", "strong", "img", "table", "thead",
                                         "tbody", "tr", "th", "td"}
   allowed = {"img": {"src", "alt"}, "th": {"style"}, "td": {"style"}}
   assert all({k for k, _ in a} <= allowed.get(t, set()) for t, a in parsed.tags), "no attribute from corpus text"

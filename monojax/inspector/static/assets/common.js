@@ -178,16 +178,17 @@
 
     // The same label from a feature's own file (its top examples' tokens, as the build lists them).
     featureLabel: function (f) {
-      if (f.autointerp && f.autointerp.explanation) return String(f.autointerp.explanation);
+      // (the offline baseline's sentence is a token list: the top tokens say it better)
+      if (f.autointerp && f.autointerp.explanation && !f.autointerp.baseline) return String(f.autointerp.explanation);
       var C = M.site.window[0], seen = [];
       var top = f.groups.filter(function (g) { return g.name === "top"; })[0];
       (top ? top.ex : []).forEach(function (e) { var t = e[4][C]; if (t >= 0 && seen.indexOf(t) < 0 && seen.length < 3) seen.push(t); });
       return seen.map(function (id) { return "\u201c" + M.tok(id) + "\u201d"; }).join(" ");
     },
 
-    // A feature's one-line label: its explanation when autointerp ran, else its top tokens.
+    // A feature's one-line label: its explanation when a model explained it, else its top tokens.
     label: function (index, i) {
-      if (index.explanation && index.explanation[i]) return index.explanation[i];
+      if (index.explanation && index.explanation[i] && !index.explanation_baseline) return index.explanation[i];
       var t = (index.top_tokens[i] || []).map(function (id) { return "\u201c" + M.tok(id) + "\u201d"; });
       return t.length ? t.join(" ") : "";
     },

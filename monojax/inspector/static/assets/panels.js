@@ -105,10 +105,26 @@
       return kv(rows);
     } },
     { id: "autointerp", title: "Explanation", render: function (ctx) {
-      var a = ctx.f && ctx.f.autointerp;
-      if (!a) return el("p", { class: "empty" }, ["No automated explanation for this feature in this run yet."]);
-      return el("div", {}, [el("p", { class: "explanation" }, [String(a.explanation || "")]),
-        kv([["score", fmt(a.score), "score"]])]);
+      var a = ctx.f && ctx.f.autointerp, src = ctx.unit.autointerp;
+      if (!a) return el("p", { class: "empty" }, [src ? "Not explained by " + src.label + " (not in the features it was run on)."
+        : "No automated explanation for this run yet: python -m monojax.autointerp --workdir=RUN"]);
+      var who = !src ? [] : [el("p", { class: "note", "data-key": "autointerp_source" }, [src.baseline
+        ? "Offline baseline: a token-statistics explanation, no language model; the floor a model's score must beat."
+        : "By " + src.backend + " " + src.model + " (prompt " + src.prompt_version + ")."])];
+      if (a.excluded) return el("div", {}, who.concat([el("p", { class: "empty" }, ["Not scored: " + a.excluded + "."])]));
+      var s = a.scores || {}, rows = [];
+      var sim = s.simulation;
+      rows.push(["simulation (Spearman)", sim ? fmt(sim.spearman) + "  ·  Pearson " + fmt(sim.pearson) +
+        "  ·  " + M.fmtInt(sim.tokens) + " tokens" : "—", "score"]);
+      [["detection", "balanced_accuracy", "detection (balanced acc.)"], ["fuzzing", "balanced_accuracy", "fuzzing (balanced acc.)"],
+       ["logits", "accuracy", "logits (accuracy, chance 0.5)"]].forEach(function (d) {
+        if (d[0] in s) rows.push([d[2], s[d[0]] ? fmt(s[d[0]][d[1]]) : "—", d[0]]);
+      });
+      if (a.single_token) rows.push(["single-token", "yes: every top example peaks on the same token", "single_token"]);
+      var errs = Object.keys(a.errors || {}).map(function (k) { return k + ": " + a.errors[k]; });
+      if (errs.length) rows.push(["not scored", errs.join("; "), "errors"]);
+      return el("div", {}, [el("p", { class: "explanation" }, [String(a.explanation || "(no explanation: " +
+        ((a.errors || {}).explain || "none") + ")")])].concat(who, [kv(rows)]));
     } },
     { id: "neurons", title: "Neuron alignment", when: function (ctx) { return ctx.unit.kind !== "neurons"; },
       render: function (ctx) {
