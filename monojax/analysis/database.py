@@ -131,8 +131,7 @@ class Unit:
     rec["examples"] = self.examples(i)
     ai = self.autointerp()
     if ai is not None and i in ai["features"]:
-      rec["autointerp"] = dict(explanations_lib.feature_summary(ai["features"][i]), label=ai["label"],
-                               baseline=bool(ai.get("baseline")), model=ai.get("model"))
+      rec["autointerp"] = explanations_lib.feature_summary(ai["features"][i])
     return rec
 
   def autointerp(self) -> dict | None:

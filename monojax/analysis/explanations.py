@@ -8,8 +8,9 @@ Layout: RUN/autointerp/<label>/<unit>.json, one file per (backend and model, uni
    "features": {"<i>": {"explanation": str | None, "score": float | None (the simulation's
                         Spearman: the paper's score), "scores": {scorer: {...} | None},
                         "single_token": bool, "excluded": str | None, "errors": {stage: str}}}}
-RUN/autointerp/cache.sqlite is the LLM reply cache (no keys in it). Readers take one label per
-unit: the newest model's results over the offline baseline, which is only the floor.
+RUN/autointerp/cache.sqlite is the LLM reply cache (no keys in it). Readers (the database record,
+the inspector) take each feature from the preferred label that has it: the newest model's results
+over the offline baseline, which is only the floor; the report shows every label apart.
 """
 from __future__ import annotations
 
@@ -66,14 +67,24 @@ def labels(workdir: str) -> list[str]:
 
 
 def load(workdir: str, unit: str, label: str | None = None) -> dict | None:
-  """A unit's results document (features keyed by int), from `label` or the preferred label that
-  has this unit; None when there are none."""
+  """A unit's results document (features keyed by int) from `label`; None when there are none.
+  Without a label, every label's results merged feature by feature in preference order (a model's
+  explanation where it ran, else the baseline's): the header is the preferred label's, and each
+  feature record says its own "label" and "baseline"."""
+  docs = []
   for lab in ([label] if label else labels(workdir)):
     doc = _read(results_path(workdir, lab, unit))
     if doc is not None:
-      doc = dict(doc, features={int(k): v for k, v in doc["features"].items() if isinstance(v, dict)})
-      return doc
-  return None
+      docs.append(dict(doc, features={int(k): v for k, v in doc["features"].items() if isinstance(v, dict)}))
+  if not docs:
+    return None
+  if label:
+    return docs[0]
+  merged: dict[int, dict] = {}
+  for doc in reversed(docs):   # preferred last, so it wins
+    for i, rec in doc["features"].items():
+      merged[i] = dict(rec, label=doc.get("label"), baseline=bool(doc.get("baseline")))
+  return dict(docs[0], features=merged, labels=[d.get("label") for d in docs])
 
 
 def merge_write(workdir: str, label: str, unit: str, header: dict, features: dict[int, dict]) -> str:
@@ -96,4 +107,5 @@ def merge_write(workdir: str, label: str, unit: str, header: dict, features: dic
 
 def feature_summary(rec: dict) -> dict:
   """The part of a feature's record the inspector and the database show."""
-  return {k: rec.get(k) for k in ("explanation", "score", "scores", "single_token", "excluded", "errors")}
+  return {k: rec.get(k) for k in ("explanation", "score", "scores", "single_token", "excluded", "errors", "label",
+                                  "baseline")}

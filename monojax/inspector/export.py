@@ -89,10 +89,9 @@ def _top_token_ids(unit: database.Unit, n: int) -> list[list[int]]:
   return out
 
 
-def unit_index(unit: database.Unit, proxy_names: list[str], explanations: dict | None = None,
-               baseline: bool = False) -> dict:
-  """The feature list of one unit, as columns (one entry per feature). baseline: the explanations
-  are the offline baseline's (searched and ordered by, not used as labels)."""
+def unit_index(unit: database.Unit, proxy_names: list[str], explanations: dict | None = None) -> dict:
+  """The feature list of one unit, as columns (one entry per feature). An explanation of the
+  offline baseline (explanation_baseline 1) is searched and ordered by, not used as the label."""
   fired = np.asarray(unit.array("fired"), np.int64)
   density = np.asarray(unit.array("density"), np.float64)
   out = {"n": unit.width, "fired": _ints(fired), "density": _nums(density), "max": _nums(unit.array("max")),
@@ -109,7 +108,7 @@ def unit_index(unit: database.Unit, proxy_names: list[str], explanations: dict |
   expl = explanations or {}
   if expl:
     out["explanation"] = [expl.get(i, {}).get("explanation") for i in range(unit.width)]
-    out["explanation_baseline"] = bool(baseline)
+    out["explanation_baseline"] = [int(bool(expl.get(i, {}).get("baseline"))) for i in range(unit.width)]
     out["score"] = [_num(expl[i]["score"]) if i in expl and expl[i].get("score") is not None else None
                     for i in range(unit.width)]
   return out

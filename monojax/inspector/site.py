@@ -54,7 +54,7 @@ def explanations(workdir: str, unit: str) -> tuple[dict[int, dict], dict | None]
   doc = explanations_lib.load(workdir, unit)
   if doc is None:
     return {}, None
-  source = {k: doc.get(k) for k in ("label", "backend", "model", "baseline", "prompt_version")}
+  source = {k: doc.get(k) for k in ("label", "backend", "model", "baseline", "prompt_version", "labels")}
   return {i: explanations_lib.feature_summary(r) for i, r in doc["features"].items()}, source
 
 
@@ -140,7 +140,7 @@ def _write_data(run, db: database.FeatureDatabase, workdir: str, out: str, sampl
     name = info["name"]
     unit = db.unit(name)
     expl, expl_source = explanations(workdir, name)
-    index = export.unit_index(unit, proxy_names, expl, baseline=bool(expl_source and expl_source["baseline"]))
+    index = export.unit_index(unit, proxy_names, expl)
     _write(os.path.join(data, name, "index.js"), export.script(f"{name}/index", index))
     families = export.family_links(db, name)
     universality = export.universality_links(workdir, name)
@@ -149,7 +149,7 @@ def _write_data(run, db: database.FeatureDatabase, workdir: str, out: str, sampl
       if fired[i] > 0:
         rec = export.feature_record(unit, i, proxy_names, export.links_for(i, families, universality), token_bytes)
         if i in expl:
-          rec["autointerp"] = dict(expl[i], baseline=bool(expl_source["baseline"]))
+          rec["autointerp"] = expl[i]
       else:   # a few bytes, so a link to a dead feature loads like any other (no missing-file error)
         rec = {"i": i, "dead": True, "fired": 0}
       _write(os.path.join(data, name, "f", f"{i}.js"), export.script(f"{name}/f/{i}", rec))

@@ -188,7 +188,7 @@
 
     // A feature's one-line label: its explanation when a model explained it, else its top tokens.
     label: function (index, i) {
-      if (index.explanation && index.explanation[i] && !index.explanation_baseline) return index.explanation[i];
+      if (index.explanation && index.explanation[i] && !(index.explanation_baseline || [])[i]) return index.explanation[i];
       var t = (index.top_tokens[i] || []).map(function (id) { return "\u201c" + M.tok(id) + "\u201d"; });
       return t.length ? t.join(" ") : "";
     },

@@ -108,9 +108,10 @@
       var a = ctx.f && ctx.f.autointerp, src = ctx.unit.autointerp;
       if (!a) return el("p", { class: "empty" }, [src ? "Not explained by " + src.label + " (not in the features it was run on)."
         : "No automated explanation for this run yet: python -m monojax.autointerp --workdir=RUN"]);
-      var who = !src ? [] : [el("p", { class: "note", "data-key": "autointerp_source" }, [src.baseline
+      var who = [el("p", { class: "note", "data-key": "autointerp_source" }, [a.baseline
         ? "Offline baseline: a token-statistics explanation, no language model; the floor a model's score must beat."
-        : "By " + src.backend + " " + src.model + " (prompt " + src.prompt_version + ")."])];
+        : "By " + (src && src.label === a.label ? src.backend + " " + src.model + " (prompts " + src.prompt_version + ")"
+          : String(a.label)) + "."])];
       if (a.excluded) return el("div", {}, who.concat([el("p", { class: "empty" }, ["Not scored: " + a.excluded + "."])]));
       var s = a.scores || {}, rows = [];
       var sim = s.simulation;
