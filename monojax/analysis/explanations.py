@@ -81,9 +81,10 @@ def load(workdir: str, unit: str, label: str | None = None) -> dict | None:
   if label:
     return docs[0]
   merged: dict[int, dict] = {}
-  for doc in reversed(docs):   # preferred last, so it wins
+  for doc in reversed(docs):   # preferred last, so it wins (unless its request failed: no explanation)
     for i, rec in doc["features"].items():
-      merged[i] = dict(rec, label=doc.get("label"), baseline=bool(doc.get("baseline")))
+      if i not in merged or rec.get("explanation") or rec.get("excluded"):
+        merged[i] = dict(rec, label=doc.get("label"), baseline=bool(doc.get("baseline")))
   return dict(docs[0], features=merged, labels=[d.get("label") for d in docs])
 
 

@@ -56,6 +56,8 @@ def explain(task: Task, pieces) -> str:
     q = quantise(w.acts, task.max_act)
     ps = pieces(w.tokens)
     for k in np.nonzero(q > 0)[0]:
+      if not ps[k]:   # the first bytes of a character split over tokens: no text of its own
+        continue
       mass[ps[k]] += int(q[k])
       scripts[script_of(ps[k])] += int(q[k])
       if k > 0:
