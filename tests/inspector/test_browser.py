@@ -205,6 +205,46 @@ def test_dead_feature_page(browser, inspector_run, tmp_path):
   pg.close()
 
 
+def test_explanation_panel_label_and_order(browser, inspector_run, tmp_path, hostile):
+  """Autointerp results in the site: a model's explanation (hostile text, as an LLM could write) is
+  the feature's label and panel text, every scorer is listed, the baseline is named as such, and
+  "order by autointerp score" sorts by the simulation score."""
+  import shutil
+  from monojax.analysis import explanations
+  from monojax.inspector import site as site_lib
+  work = tmp_path / "run"
+  shutil.copytree(inspector_run, work, ignore=shutil.ignore_patterns("inspector*"))
+  fired = np.asarray(database.open_database(str(work)).unit("sae0").array("fired"))
+  a, b = (int(i) for i in np.flatnonzero(fired > 0)[:2])
+  evil = hostile[0] + " keywords"
+  scores = {"simulation": {"spearman": 0.61, "pearson": 0.58, "tokens": 500, "examples": 58, "unreadable": 0},
+            "detection": {"balanced_accuracy": 0.75, "n": 20, "unreadable": 0}, "fuzzing": None,
+            "logits": {"accuracy": 0.55, "n": 100, "unreadable": 0}}
+  head = {"backend": "anthropic", "model": "claude-test", "baseline": False, "prompt_version": "v1", "analysis": {}}
+  explanations.merge_write(str(work), "anthropic-claude-test", "sae0", head, {a: {
+      "explanation": evil, "score": 0.61, "scores": scores, "single_token": True, "errors": {"fuzzing": "parse: 3 of 20"}}})
+  explanations.merge_write(str(work), "offline-baseline", "sae0", dict(head, backend="offline", baseline=True), {
+      b: {"explanation": 'offline baseline: active on [" x"]', "score": 0.9, "scores": {}}})
+  out = os.path.dirname(site_lib.build(str(work), samples=False, log=lambda *_: None))
+  pg = Page(browser, _url(out, sae="sae0", feature=a))
+  pg.ready(f"sae0/{a}")
+  panel = pg.text("[data-panel=autointerp]")
+  assert evil in pg.text("[data-panel=autointerp] .explanation") and "anthropic claude-test" in panel
+  assert "0.61" in pg.text("[data-panel=autointerp] [data-key=score]") and "0.75" in panel and "parse: 3 of 20" in panel
+  assert "single-token" in panel
+  assert evil in pg.text(f"#feature-list li[data-feature='{a}']")
+  pg.inert()
+  pg.close()
+  pg = Page(browser, _url(out, sae="sae0", feature=b, order="score"))
+  pg.ready(f"sae0/{b}")
+  assert "Offline baseline" in pg.text("[data-panel=autointerp] [data-key=autointerp_source]")
+  assert "offline baseline" not in pg.text(f"#feature-list li[data-feature='{b}']")   # labels: the top tokens
+  order = pg.attrs("#feature-list li[data-feature]", "data-feature")[:2]
+  assert order == [str(b), str(a)], order
+  pg.inert()
+  pg.close()
+
+
 def test_text_inspector_hover_click_and_highlight(browser, inspector_site, artifacts):
   site = _data(inspector_site, "site")
   k = next(s["k"] for s in site["samples"] if s["set"] == "Docs: Python")

@@ -126,19 +126,28 @@ def test_build_replaces_only_its_own_folder(inspector_run, tmp_path, monkeypatch
 
 
 def test_autointerp_results_reach_the_index_and_the_feature(inspector_run, tmp_path):
-  path = os.path.join(inspector_run, "autointerp", "sae0.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  live = int(np.flatnonzero(np.asarray(database.open_database(inspector_run).unit("sae0").array("fired")) > 0)[0])
-  json.dump({"features": {str(live): {"explanation": "<b>Python</b> keywords", "score": 0.42}}}, open(path, "w"))
-  try:
-    out = tmp_path / "site"
-    site.build(inspector_run, out=str(out), samples=False, log=lambda *_: None)
-    index = _data(str(out), "sae0/index")
-    assert index["explanation"][live] == "<b>Python</b> keywords" and index["score"][live] == 0.42
-    assert _data(str(out), f"sae0/f/{live}")["autointerp"]["score"] == 0.42
-  finally:
-    os.remove(path)
-    os.rmdir(os.path.dirname(path))
+  """A model's results (RUN/autointerp/<label>/<unit>.json) where it ran, the baseline's elsewhere."""
+  import shutil
+  from monojax.analysis import explanations
+  work = str(tmp_path / "run")
+  shutil.copytree(inspector_run, work, ignore=shutil.ignore_patterns("inspector*"))
+  fired = np.asarray(database.open_database(work).unit("sae0").array("fired"))
+  live = [int(i) for i in np.flatnonzero(fired > 0)[:2]]
+  head = {"backend": "openai", "model": "m", "baseline": False, "prompt_version": "p", "analysis": {}}
+  explanations.merge_write(work, "openai-m", "sae0", head, {live[0]: {"explanation": "<b>Python</b> keywords",
+                                                                     "score": 0.42, "scores": {}}})
+  explanations.merge_write(work, "offline-baseline", "sae0", dict(head, backend="offline", baseline=True),
+                           {i: {"explanation": f"offline baseline: active on [{i}]", "score": 0.1} for i in live})
+  out = tmp_path / "site"
+  site.build(work, out=str(out), samples=False, log=lambda *_: None)
+  index = _data(str(out), "sae0/index")
+  assert index["explanation"][live[0]] == "<b>Python</b> keywords" and index["score"][live[0]] == 0.42
+  assert index["explanation_baseline"][live[0]] == 0 and index["explanation_baseline"][live[1]] == 1
+  assert index["score"][live[1]] == 0.1
+  rec = _data(str(out), f"sae0/f/{live[0]}")["autointerp"]
+  assert rec["score"] == 0.42 and rec["label"] == "openai-m" and rec["baseline"] is False
+  assert _data(str(out), f"sae0/f/{live[1]}")["autointerp"]["baseline"] is True
+  assert database.open_database(work).feature(live[1])["autointerp"]["label"] == "offline-baseline"
 
 
 @pytest.mark.parametrize("argv,needle", [
