@@ -4,7 +4,8 @@ and what the database records, the inspector and the report read.
 Layout: RUN/autointerp/<label>/<unit>.json, one file per (backend and model, unit), where label is
 "offline-baseline" or "<backend>-<model>" (e.g. "anthropic-claude-haiku-4-5"). A file:
   {"schema": "monojax-autointerp/1", "unit", "label", "backend", "model", "baseline": bool,
-   "prompt_version", "analysis": {"step", "n_tokens"}, "updated", "scorers": [...], "usage": {...},
+   "prompt_version", "analysis": {"step", "n_tokens"}, "updated", "scorers": [...], "usage": {...}
+   (the last job's), "jobs": [{"job", "updated", "usage"}, ...] (every job's),
    "features": {"<i>": {"explanation": str | None, "score": float | None (the simulation's
                         Spearman: the paper's score), "scores": {scorer: {...} | None},
                         "single_token": bool, "excluded": str | None, "errors": {stage: str}}}}
@@ -97,13 +98,27 @@ def merge_write(workdir: str, label: str, unit: str, header: dict, features: dic
   if old and old.get("prompt_version") == header.get("prompt_version") and old.get("analysis") == header.get("analysis"):
     merged.update(old["features"])
   merged.update({str(int(i)): rec for i, rec in features.items()})
-  doc = dict(header, schema=SCHEMA, unit=unit, label=label,
+  # Every job's usage is kept (a re-run from the cache costs 0 and must not hide what the first paid).
+  jobs = [j for j in ((old or {}).get("jobs") or []) if j.get("job") != header.get("job")]
+  jobs.append({"job": header.get("job"), "updated": header.get("updated"), "usage": header.get("usage") or {}})
+  doc = dict(header, schema=SCHEMA, unit=unit, label=label, jobs=jobs,
              features=dict(sorted(merged.items(), key=lambda kv: int(kv[0]))))
   if os.path.exists(path) and not os.path.isfile(path):
     raise errors.UserInputError(f"{path}: exists and is not a file")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   files.atomic_write_json(path, doc)
   return path
+
+
+def total_cost(doc: dict) -> float | None:
+  """USD spent by every job that wrote this file (None when a job's price was unknown)."""
+  total = 0.0
+  for j in doc.get("jobs") or [{"usage": doc.get("usage") or {}}]:
+    u = j.get("usage") or {}
+    if u and not u.get("cost_known", True):
+      return None
+    total += float(u.get("cost_usd") or 0.0)
+  return total
 
 
 def feature_summary(rec: dict) -> dict:

@@ -367,12 +367,12 @@ def _autointerp_section(workdir: str, db, out_dir: str) -> list[str]:
                 "No language model: explanations are the examples' dominant tokens, script and preceding token, and "
                 "the simulator predicts from that sentence alone. It is the floor any model's score must beat.", ""]
     else:
-      usage = first.get("usage") or {}
-      cost = (f"${usage['cost_usd']:.2f}" if usage.get("cost_known") else "cost unknown") if usage else "—"
+      spent = [explanations_lib.total_cost(d) for d in docs.values()]
+      cost = "cost unknown" if None in spent else f"${max(spent):.2f}"   # a job's usage covers all its units
       lines += [f"### {text.visible(label)}", "",
                 f"Backend {text.markdown_code(str(first.get('backend')))}, model "
                 f"{text.markdown_code(str(first.get('model')))}, prompts "
-                f"{text.markdown_code(str(first.get('prompt_version')))}; last job: {cost}.", ""]
+                f"{text.markdown_code(str(first.get('prompt_version')))}; spent: {cost}.", ""]
     lines += ["| unit | explained | excluded | single-token | simulation median (mean) | detection | fuzzing | logits |"
               " parse failures |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for unit, doc in docs.items():

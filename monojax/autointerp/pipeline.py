@@ -185,14 +185,14 @@ def summarize(records: dict[int, dict], scorers=SCORERS) -> dict:
   return out
 
 
-def header(judge, src: UnitSource, scorers, usage: dict | None) -> dict:
-  return {"backend": judge.backend, "model": judge.model, "baseline": bool(judge.baseline),
+def header(judge, src: UnitSource, scorers, usage: dict | None, job: str | None = None) -> dict:
+  return {"job": job, "backend": judge.backend, "model": judge.model, "baseline": bool(judge.baseline),
           "prompt_version": prompts.PROMPT_VERSION if not judge.baseline else "offline-baseline/1",
           "analysis": {"step": src.db.meta.get("step"), "n_tokens": src.db.n_tokens},
           "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "scorers": list(scorers),
           "usage": usage or {}}
 
 
-def write(workdir: str, judge, src: UnitSource, records: dict[int, dict], scorers, usage=None) -> str:
+def write(workdir: str, judge, src: UnitSource, records: dict[int, dict], scorers, usage=None, job=None) -> str:
   label = results_lib.label_for(judge.backend, judge.model)
-  return results_lib.merge_write(workdir, label, src.name, header(judge, src, scorers, usage), records)
+  return results_lib.merge_write(workdir, label, src.name, header(judge, src, scorers, usage, job), records)

@@ -160,7 +160,7 @@ def parse_simulation(reply: str, lengths: list[int]) -> list[np.ndarray | None]:
       items = (m.group(1) if m else body).replace(",", " ").split()
       try:
         nums = [round(float(x)) for x in items]
-      except ValueError:
+      except (ValueError, OverflowError):   # a word, or inf / 1e999
         nums = None
       if nums is not None and len(nums) == length:
         vals = np.clip(np.asarray(nums, np.int64), 0, 9)

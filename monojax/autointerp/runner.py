@@ -101,6 +101,9 @@ def run_autointerp(workdir: str, *, backend: str = "offline", model=None, base_u
     raise errors.UserInputError(f"--scorers: unknown {', '.join(bad)}; choose from {', '.join(pipeline.SCORERS)}")
   # Parse every unit's --features before any model work, so a typo costs nothing.
   chosen = {u: parse_features(features, db.unit(u).width, db.unit(u).array("fired")) for u in names}
+  if not any(chosen.values()):
+    raise errors.UserInputError(f"--features={features}: no feature of {', '.join(names)} (widths "
+                                f"{', '.join(str(db.unit(u).width) for u in names)}; live counts only features that fired)")
   run = run or Run.open(workdir, log=log)
   judge, client = make_judge(backend, run, workdir, model=model, base_url=base_url, concurrency=concurrency,
                              max_retries=max_retries, timeout_s=timeout_s, max_cost=max_cost, price_in=price_in,
@@ -108,11 +111,12 @@ def run_autointerp(workdir: str, *, backend: str = "offline", model=None, base_u
   label = results_lib.label_for(judge.backend, judge.model)
   out = {"label": label, "units": {}, "usage": None, "paths": []}
   t0 = time.time()
+  job = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
   try:
     for unit in names:
       src = UnitSource(run, db, unit, pool_sequences=pool_sequences, seed=seed)
       def save(recs, src=src):
-        path = pipeline.write(workdir, judge, src, recs, scorers, client.summary() if client else None)
+        path = pipeline.write(workdir, judge, src, recs, scorers, client.summary() if client else None, job)
         if path not in out["paths"]:
           out["paths"].append(path)
       recs = pipeline.run_unit(src, judge, chosen[unit], scorers=scorers, seed=seed, on_chunk=save, log=log)

@@ -123,7 +123,7 @@ def gather_pool(src: UnitSource, features, *, seed: int = 0) -> Pool:
     rand_req[:, :2] = np.tile(src.random_at, (len(live), 1))
     rand_req[:, 2] = np.repeat(np.asarray(live, np.int64), R)
   acts = src.pool_activations(np.concatenate([rand_req, np.asarray(requests, np.int64).reshape(-1, 3)]))
-  random_acts = acts[:len(rand_req)].reshape(len(live), R, -1)
+  random_acts = acts[:len(rand_req)].reshape(len(live), R, acts.shape[-1])
   elsewhere = {i: (at, acts[len(rand_req) + start:len(rand_req) + start + len(at)]) for i, (start, at) in plans.items()}
   ids = src.top_logits(np.asarray(live, np.int64))[0] if live else np.zeros((0, 0), np.int64)
   return Pool(excluded, single, row, random_acts, elsewhere, ids)
@@ -152,7 +152,10 @@ def build_tasks(src: UnitSource, features, pool: Pool | None = None, *, seed: in
     elsewhere = [Window(src.window_tokens(r, p), at_acts[j], ELSEWHERE, int(src.pool_seqs[r]), int(p))
                  for j, (r, p) in enumerate(at)]
     random_acts = pool.random_acts
-    perm = rng.permutation(len(src.random_at))
+    # Random contexts: never one of the feature's own examples or its top tokens elsewhere.
+    taken = {(w.seq, w.pos) for ws in groups.values() for w in ws} | {(int(src.pool_seqs[r]), int(p)) for r, p in at}
+    perm = np.asarray([j for j in rng.permutation(len(src.random_at))
+                       if (int(src.pool_seqs[src.random_at[j, 0]]), int(src.random_at[j, 1])) not in taken], np.int64)
     off = ~(np.nan_to_num(random_acts[k]).max(1) > 0)
     rest = perm[n_rand:]
     picked = list(perm[:n_rand]) + list(rest[off[rest]][:N_DETECT])
@@ -190,13 +193,8 @@ def build_tasks(src: UnitSource, features, pool: Pool | None = None, *, seed: in
           fuzz.append((w, np.sort(rng.choice(quiet, size=len(active), replace=False)), False))
     fuzz = [fuzz[j] for j in rng.permutation(len(fuzz))]
     top_ids = [int(t) for t in pool.logit_ids[k][10:10 + N_LOGIT]]
-    exclude = {int(t) for t in pool.logit_ids[k]}
-    rand_ids = []
-    while len(rand_ids) < N_LOGIT:
-      t = int(rng.integers(vocab))
-      if t not in exclude:
-        exclude.add(t)
-        rand_ids.append(t)
+    allowed = np.setdiff1d(np.arange(vocab), pool.logit_ids[k])
+    rand_ids = [int(t) for t in rng.permutation(allowed)[:N_LOGIT]]
     logit_tokens = [(t, True) for t in top_ids] + [(t, False) for t in rand_ids]
     logit_tokens = [logit_tokens[j] for j in rng.permutation(len(logit_tokens))]
     tasks.append(Task(src.name, i, float(max_acts[i]), explain, simulate, detect, fuzz, logit_tokens, *rec_logits,

@@ -50,12 +50,16 @@ class Window:
 
 
 def db_windows(unit: database.Unit, i: int) -> list[Window]:
-  """Feature i's database examples (repeats dropped), cut to the autointerp context."""
+  """Feature i's distinct database examples (repeated contexts and duplicate slots dropped), cut to
+  the autointerp context."""
   lo = stats.LEFT - CTX_LEFT
-  out = []
+  out, seen = [], set()
   for ex in unit.examples(i):
-    if ex["repeated"]:
+    # A repeated context, or the same token again in another slot (a top example is often also an
+    # interval-1 sample): one example, in its first group.
+    if ex["repeated"] or (ex["seq"], ex["pos"]) in seen:
       continue
+    seen.add((ex["seq"], ex["pos"]))
     toks = np.asarray(ex["tokens"][lo:lo + CTX], np.int64)
     acts = np.asarray(ex["acts"][lo:lo + CTX], np.float32)
     out.append(Window(toks, np.where(toks >= 0, acts, np.nan), ex["group"], ex["seq"], ex["pos"]))
