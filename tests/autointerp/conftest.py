@@ -1,5 +1,5 @@
 """Fixtures of the autointerp tests: ONE tiny co-trained run with its feature database, built once per
-session and shared (read only) by tests/autointerp/test_pipeline.py; tests that write RUN/autointerp
+session and shared (read only) by tests/autointerp/test_autointerp_pipeline.py; tests that write RUN/autointerp
 take their own copy of it (`analysed_copy`), which is cheap (no second analysis pass).
 
 The database holds 768 tokens (48 sequences of 16). 128 tokens would already give ≥ selection.MIN_EXAMPLES
