@@ -36,6 +36,8 @@ EXAMPLE_SLOTS = N_TOP + N_INTERVALS * PER_INTERVAL + N_BOTTOM
 EX_GROUP = np.array([0] * N_TOP + [1 + i // PER_INTERVAL for i in range(N_INTERVALS * PER_INTERVAL)]
                     + [N_INTERVALS + 1] * N_BOTTOM, np.int8)
 GROUP_NAMES = ["top"] + [f"interval {i}" for i in range(1, N_INTERVALS + 1)] + ["bottom"]
+# Example slots with ablation effects (analysis/ablation.py): the top 10 and the first of each interval.
+ABL_SLOTS = np.array(list(range(10)) + [N_TOP + PER_INTERVAL * i for i in range(N_INTERVALS)])
 ULTRALOW = 1e-6        # density below which a live feature is "ultralow" (the paper's left mode)
 DENSE = 0.01           # density above which a feature is "dense" (the paper counts features > 1 %)
 
@@ -129,10 +131,28 @@ class Unit:
       if os.path.exists(os.path.join(self.path, f"{n}.npy")):
         rec[n] = a(n)
     rec["examples"] = self.examples(i)
+    if os.path.exists(os.path.join(self.path, "abl_off.npy")):
+      rec["ablation"] = self.ablation(i)
     ai = self.autointerp()
     if ai is not None and i in ai["features"]:
       rec["autointerp"] = explanations_lib.feature_summary(ai["features"][i])
     return rec
+
+  def ablation(self, i: int) -> dict[int, list[dict]]:
+    """Feature i's ablation effects (analysis/ablation.py), by example slot: [{"offset" (in the
+    example's window), "dloss" (next-token loss, ablated − clean), "up"/"down": [(token, Δ log p)]}]."""
+    off = np.asarray(self.array("abl_off")[i])
+    dl = np.asarray(self.array("abl_dloss")[i])
+    up, upv = np.asarray(self.array("abl_up")[i]), np.asarray(self.array("abl_up_val")[i])
+    dn, dnv = np.asarray(self.array("abl_down")[i]), np.asarray(self.array("abl_down_val")[i])
+    out: dict[int, list[dict]] = {}
+    for s, slot in enumerate(ABL_SLOTS):
+      for k in np.nonzero(off[s] >= 0)[0]:
+        out.setdefault(int(slot), []).append({
+            "offset": int(off[s, k]), "dloss": float(dl[s, k]),
+            "up": [(int(t), float(v)) for t, v in zip(up[s, k], upv[s, k])],
+            "down": [(int(t), float(v)) for t, v in zip(dn[s, k], dnv[s, k])]})
+    return out
 
   def autointerp(self) -> dict | None:
     """The unit's autointerp results (RUN/autointerp, the preferred label; analysis/explanations.py),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from monojax.analysis import database, logit_effects, similarity, stats
+from monojax.analysis import ablation, database, logit_effects, similarity, stats
 from monojax.sae import core as sae_core
 
 LOGIT_K = 10
@@ -150,6 +150,8 @@ def write_database(run, ps, meta, tokens, totals, accs, label_sum, label_sq, *, 
                                           totals[f"{name}/neuron_sum"])
       ids, vals = similarity.best_match(corr)
       out["corr_neuron"], out["corr_neuron_value"] = ids.astype(np.int32), vals.astype(np.float32)
+      abl = ablation.compute(run, sae, tokens, out["ex_seq"], out["ex_pos"], out["ex_win"], log=log)
+      out.update(abl or {})
       info = {"name": name, "kind": "sae", "width": spec.width, "layer": sae.layer, "record": sae.to_json(),
               "label": sae.label, "input_scale": run.input_scale(sae)}
     _logits(out, dirs, w, vocab)

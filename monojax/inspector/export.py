@@ -114,13 +114,15 @@ def unit_index(unit: database.Unit, proxy_names: list[str], explanations: dict |
   return out
 
 
-def _examples(unit: database.Unit, i: int, token_bytes: tokens.TokenBytes | None = None) -> list[dict]:
+def _examples(exs: list[dict], token_bytes: tokens.TokenBytes | None = None) -> list[dict]:
   """Feature i's example groups (top, intervals 1-10, bottom), each example
   [value, seq, pos, repeated, ids[WINDOW] (-1 outside the sequence), [[offset, act], ...] non-zero,
   [[offset, piece], ...]]: the last, only where a token shows other than its vocabulary string (a
-  character split over tokens, shown whole by the token completing it; tokens.py)."""
+  character split over tokens, shown whole by the token completing it; tokens.py). The record's
+  "ablation" maps "seq:pos" of an example to its ablation effects (analysis/ablation.py):
+  [[offset, Δ next-token loss, up ids, up Δlog p, down ids, down Δlog p], ...]."""
   groups: list[dict] = []
-  for e in unit.examples(i):   # the database's own windows (token ids, -1 outside the sequence)
+  for e in exs:   # the database's own windows (Unit.examples: token ids, -1 outside the sequence)
     if not groups or groups[-1]["name"] != e["group"]:
       groups.append({"name": e["group"], "ex": []})
     ids, w = np.asarray(e["tokens"]), np.asarray(e["acts"], np.float64)
@@ -140,13 +142,14 @@ def feature_record(unit: database.Unit, i: int, proxy_names: list[str], links: d
                    token_bytes: tokens.TokenBytes | None = None) -> dict:
   """Everything the FeatureInspector shows about feature i of `unit` (see the module docstring)."""
   a = lambda n: np.asarray(unit.array(n)[i])  # noqa: E731
+  exs = unit.examples(i)
   rec = {"i": i, "fired": int(a("fired")), "density": _num(a("density")), "max": _num(a("max")),
          "mean": _num(a("mean")), "hist": _ints(a("hist")),
          "logit": {"top": _ints(a("logit_top_ids")), "top_v": _nums(a("logit_top_values")),
                    "bottom": _ints(a("logit_bottom_ids")), "bottom_v": _nums(a("logit_bottom_values")),
                    "hist": _ints(a("logit_hist")), "edges": _nums(a("logit_hist_edges")),
                    "median": _num(a("logit_median"))},
-         "groups": _examples(unit, i, token_bytes)}
+         "groups": _examples(exs, token_bytes)}
   has = lambda n: os.path.exists(os.path.join(unit.path, f"{n}.npy"))  # noqa: E731
   if has("top_neurons"):
     rec["neurons"] = [[int(n), _num(w)] for n, w in zip(a("top_neurons"), a("top_neuron_weights"))]
@@ -159,6 +162,16 @@ def feature_record(unit: database.Unit, i: int, proxy_names: list[str], links: d
                       for p in order]
   if links:
     rec["links"] = links
+  if has("abl_off"):
+    abl = {}
+    by_slot = {x["slot"]: x for x in exs}
+    for slot, effects in unit.ablation(i).items():
+      e = by_slot.get(slot)
+      if e is not None:
+        abl[f"{e['seq']}:{e['pos']}"] = [[d["offset"], _num(d["dloss"]), _ints([t for t, _ in d["up"]]),
+                                         _nums([v for _, v in d["up"]]), _ints([t for t, _ in d["down"]]),
+                                         _nums([v for _, v in d["down"]])] for d in effects]
+    rec["ablation"] = abl
   return rec
 
 

@@ -54,6 +54,8 @@
     var value = ex[0], ids = ex[4], acts = {}, shown = {}, C = ctx.site.window[0];
     ex[5].forEach(function (p) { acts[p[0]] = p[1]; });
     (ex[6] || []).forEach(function (p) { shown[p[0]] = p[1]; });   // characters split over tokens, shown whole
+    var abl = {};   // ablation effects at this example's positions (analysis/ablation.py)
+    ((ctx.f.ablation || {})[ex[1] + ":" + ex[2]] || []).forEach(function (d) { abl[d[0]] = d; });
     var max = ctx.f.max, row = el("div", { class: "ex" + (ex[3] ? " repeated" : ""), "data-value": value });
     row.appendChild(el("span", { class: "ex-val", title: "activation on the marked token" }, [fmt(value)]));
     // Keyword in context: the marked token in a column of its own, so the examples line up.
@@ -65,11 +67,27 @@
       var t = el("span", { class: "tok" + (k === C ? " center" : "") + (piece ? "" : " partial"),
         title: (piece ? "" : "part of a character completed by the next token · ") + "activation " + fmt(a) }, [piece]);
       if (a > 0) t.style.backgroundColor = M.actColor(a, max);
+      if (k in abl) {
+        var d = abl[k];
+        t.classList.add("abl", d[1] > 0 ? "abl-helps" : "abl-hurts");
+        t.setAttribute("data-dloss", String(d[1]));
+        t.title += ablationText(d);
+      }
       (k < C ? left : k === C ? mid : right).appendChild(t);
     });
     row.appendChild(el("span", { class: "ex-text" }, [left, mid, right]));
     if (ex[3]) row.appendChild(el("span", { class: "badge", title: "this window repeats text seen earlier in its context" }, ["repeated"]));
     return row;
+  }
+
+  // The hover text of an ablated position: [offset, Δloss, up ids, up Δ, down ids, down Δ].
+  function ablationText(d) {
+    var list = function (ids, vals) {
+      return ids.map(function (id, j) { return "\u201c" + M.tok(id) + "\u201d " + (vals[j] > 0 ? "+" : "") + fmt(vals[j]); }).join(", ");
+    };
+    return "\nablating the feature here: next-token loss " + (d[1] === null ? "— (end of sequence)" :
+      (d[1] > 0 ? "+" : "") + fmt(d[1])) + "\n  log-prob rises most: " + list(d[2], d[3]) +
+      "\n  log-prob falls most: " + list(d[4], d[5]);
   }
 
   function exampleGroup(ctx, g, note) {
@@ -187,8 +205,27 @@
     } },
     { id: "ablation", title: "Ablation effects", render: function (ctx) {
       var a = ctx.f && ctx.f.ablation;
-      if (!a) return el("p", { class: "empty" }, ["No ablation effects computed for this run yet."]);
-      return kv(Object.keys(a).map(function (k) { return [k, fmt(a[k]), k]; }));
+      if (!a) return el("p", { class: "empty" }, [ctx.unit.kind === "neurons" ? "Ablation effects are computed for SAE features."
+        : "No ablation effects for this feature (the analysis computes them for SAEs on the model's last layer)."]);
+      // Over every ablated position of the shown examples: the loss change and the tokens it moves most often.
+      var n = 0, sum = 0, helps = 0, up = {}, down = {};
+      Object.keys(a).forEach(function (key) {
+        a[key].forEach(function (d) {
+          if (d[1] !== null) { n += 1; sum += d[1]; if (d[1] > 0) helps += 1; }
+          d[4].forEach(function (id) { down[id] = (down[id] || 0) + 1; });
+          d[2].forEach(function (id) { up[id] = (up[id] || 0) + 1; });
+        });
+      });
+      var top = function (c) {
+        return Object.keys(c).sort(function (x, y) { return c[y] - c[x] || x - y; }).slice(0, 8).map(function (id) {
+          return el("li", {}, [el("span", { class: "tok plain" }, [M.tok(+id)]), " \u00d7" + c[id]]); });
+      };
+      return el("div", {}, [kv([["positions ablated", M.fmtInt(n), "abl_positions"],
+          ["mean Δ next-token loss", n ? fmt(sum / n) : "—", "abl_mean"],
+          ["feature helps the prediction", n ? M.pct(helps / n) + " of positions" : "—", "abl_helps"]]),
+        el("p", { class: "muted" }, ["Ablating the feature lowers most often:"]), el("ul", { class: "abl-tokens" }, top(down)),
+        el("p", { class: "muted" }, ["and raises most often:"]), el("ul", { class: "abl-tokens" }, top(up)),
+        el("p", { class: "muted" }, ["Underlined tokens in the examples below: hover for the effect there (red: the feature lowers the actual next token's loss)."])]);
     } },
     { id: "links", title: "Related features", render: function (ctx) {
       var L = (ctx.f && ctx.f.links) || {}, out = el("div", {});
