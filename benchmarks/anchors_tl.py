@@ -68,27 +68,13 @@ def make_model(*, d_model: int, d_mlp: int, n_heads: int, d_head: int, n_ctx: in
 
 
 def load_monojax_params(model, params: dict) -> None:
-  """Copies monojax LM parameters (nested numpy dict, as nnx.State.to_pure_dict() gives them, 1
-  layer) into the TL model. Layouts: W_Q/K/V [d, h, k] -> [h, d, k]; everything else as is."""
+  """Copies monojax LM parameters (nested numpy dict, as nnx.State.to_pure_dict() gives them) into
+  the TL model, through the exporter's mapping (monojax/export/transformerlens.state_dict: W_Q/K/V
+  [d, h, k] -> [h, d, k], everything else as is, W_pos cut to n_ctx, b_U = 0)."""
   import numpy as np
   import torch
-  p = params
-  blk = p["blocks"][0]
-  att, mlp = blk["attn"], blk["mlp"]
-  n_ctx = model.cfg.n_ctx
-  table = {
-      "embed.W_E": p["W_E"], "pos_embed.W_pos": p["W_pos"][:n_ctx],
-      "blocks.0.ln1.w": blk["ln1"]["w"], "blocks.0.ln1.b": blk["ln1"]["b"],
-      "blocks.0.ln2.w": blk["ln2"]["w"], "blocks.0.ln2.b": blk["ln2"]["b"],
-      "blocks.0.attn.W_Q": np.transpose(att["W_Q"], (1, 0, 2)), "blocks.0.attn.W_K": np.transpose(att["W_K"], (1, 0, 2)),
-      "blocks.0.attn.W_V": np.transpose(att["W_V"], (1, 0, 2)), "blocks.0.attn.W_O": att["W_O"],
-      "blocks.0.attn.b_Q": att["b_Q"], "blocks.0.attn.b_K": att["b_K"], "blocks.0.attn.b_V": att["b_V"],
-      "blocks.0.attn.b_O": att["b_O"],
-      "blocks.0.mlp.W_in": mlp["W_in"], "blocks.0.mlp.b_in": mlp["b_in"], "blocks.0.mlp.W_out": mlp["W_out"],
-      "blocks.0.mlp.b_out": mlp["b_out"],
-      "ln_final.w": p["ln_final"]["w"], "ln_final.b": p["ln_final"]["b"],
-      "unembed.W_U": p["W_U"], "unembed.b_U": np.zeros((p["W_U"].shape[1],), np.float32),
-  }
+  from monojax.export import transformerlens
+  table = transformerlens.state_dict(params, n_ctx=model.cfg.n_ctx, d_vocab=model.cfg.d_vocab)
   sd = model.state_dict()
   missing = [k for k in table if k not in sd]
   if missing:

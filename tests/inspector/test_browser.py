@@ -112,7 +112,17 @@ def test_feature_panels_show_the_database(browser, inspector_site, db, artifacts
   intervals = sorted({e["group"] for e in rec["examples"] if e["group"].startswith("interval")})
   assert sorted(pg.attrs("[data-panel=intervals] .ex-group", "data-group")) == intervals
   assert "No automated explanation" in pg.text("[data-panel=autointerp]")
-  assert "No ablation effects" in pg.text("[data-panel=ablation]")
+  # ablation effects (analysis/ablation.py): the panel's count, and each top example's ablated positions underlined
+  by_key = {}
+  for e in rec["examples"]:
+    if e["slot"] in rec["ablation"]:
+      by_key[(e["seq"], e["pos"])] = rec["ablation"][e["slot"]]
+  assert by_key and pg.text("[data-panel=ablation] [data-key=abl_positions]") == f"{sum(map(len, by_key.values())):,}"
+  top = [e for e in rec["examples"] if e["group"] == "top"]
+  assert pg.p.locator("[data-panel=top] .tok.abl").count() == sum(len(by_key.get((e["seq"], e["pos"]), [])) for e in top)
+  first = pg.p.locator("[data-panel=top] .tok.abl").first
+  d = min(by_key[(top[0]["seq"], top[0]["pos"])], key=lambda x: x["offset"])   # the first underlined in the row
+  assert "next-token loss" in first.get_attribute("title") and vocab[d["up"][0][0]] in first.get_attribute("title")
   assert len(pg.texts("[data-panel=proxies] tr")) == 1 + 3
   pg.p.screenshot(path=os.path.join(artifacts, "feature-1280x800.png"))
   # the family link goes to the nearest feature of the other SAE
