@@ -19,11 +19,13 @@ LAYERS = [
     ("config", "config_rules"),
     ("checkpoint",),
     ("run",),
+    ("interventions",),
     ("analysis",),
     ("inspector",),
     ("autointerp",),
     ("train",),
-    ("main", "analyze", "inspect"),
+    ("export",),
+    ("main", "analyze", "inspect", "generate"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
