@@ -90,3 +90,54 @@ def _top_k(acts, k: int):
   acts = acts.astype(jnp.float32)
   values, indices = jax.lax.top_k(acts, k)
   return values, indices.astype(jnp.int32), jnp.sum(acts > 0, axis=-1, dtype=jnp.int32)
+
+
+STEER_MAX_NEW, STEER_MAX_PROMPT = 48, 2000
+
+
+def steer(run, query: dict) -> dict:
+  """The steering panel: `query` {"unit": an SAE, "feature": int, "value": float, "prompt": str,
+  "max_new_tokens": int, "seed": int} → greedy-free samples (temperature 1, top_p 0.9) of the
+  continuation with the feature clamped to `value` at every position and without (the same random
+  draws), and the next-token shift after the prompt. JSON-ready."""
+  from monojax import interventions
+  unit = query.get("unit")
+  saes = {s.name: s for s in run.saes}
+  if unit not in saes:
+    raise errors.UserInputError(f"unit: one of {', '.join(saes) or 'no SAE'} expected")
+  sae = saes[unit]
+  feature, value, prompt = query.get("feature"), query.get("value"), query.get("prompt")
+  if not isinstance(feature, int) or isinstance(feature, bool) or not 0 <= feature < sae.width:
+    raise errors.UserInputError(f"feature: an integer in 0..{sae.width - 1} expected")
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(float(value)) <= 1e4:
+    raise errors.UserInputError("value: a number with |value| ≤ 10000 expected")
+  if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > STEER_MAX_PROMPT:
+    raise errors.UserInputError(f"prompt: a non-empty string of at most {STEER_MAX_PROMPT} characters expected")
+  n_new = query.get("max_new_tokens", 24)
+  seed = query.get("seed", 0)
+  if not isinstance(n_new, int) or not 1 <= n_new <= STEER_MAX_NEW:
+    raise errors.UserInputError(f"max_new_tokens: an integer in 1..{STEER_MAX_NEW} expected")
+  if not isinstance(seed, int) or not 0 <= seed < 2**31:
+    raise errors.UserInputError("seed: a non-negative integer expected")
+  ids = tokenize(run, prompt)
+  if not ids.size:
+    raise errors.UserInputError("prompt: no tokens")
+  # A long prompt keeps its end: the model reads at most max_seq_len tokens, continuation included.
+  max_len = int(run.cfg.model.max_seq_len)
+  n_new = min(n_new, max(1, max_len // 2))
+  cut = ids.size > max_len - n_new
+  ids = ids[-(max_len - n_new):]
+  edits = [interventions.Edit(int(feature), "clamp", float(value))]
+  kw = {"samples": 1, "max_new_tokens": n_new, "temperature": 1.0, "top_p": 0.9, "seed": seed}
+  clean = interventions.generate(run, ids, **kw)[0]
+  edited = interventions.generate(run, ids, sae=sae, edits=edits, **kw)[0]
+  shift = interventions.feature_shift(run, ids[None], sae, edits, k=5)
+  tb = token_bytes(run.tokenizer)
+  last = len(ids) - 1
+  moved = lambda ids_, before, after: [[tb.vocab[int(t)], float(b), float(a)]  # noqa: E731
+                                       for t, b, a in zip(ids_[0, last], before[0, last], after[0, last])]
+  return {"unit": unit, "feature": feature, "value": float(value), "prompt_tokens": int(len(ids)), "prompt_cut": bool(cut),
+          "new_tokens": int(n_new),
+          "clean": tb.pieces_text(clean), "edited": tb.pieces_text(edited), "kl": float(shift.kl[0, last]),
+          "up": moved(shift.up_ids, shift.up_before, shift.up_after),
+          "down": moved(shift.down_ids, shift.down_before, shift.down_after)}

@@ -5,6 +5,8 @@ live endpoint, the TextInspector's activations of any text.
   GET  /<path>        a file under site_dir (HEAD too; no listings, no dot-files, nothing outside it)
   GET  /api/status    {"live": true, "units": [...], "seq_len": N, "max_tokens": N}
   POST /api/text      {"text": str, "unit": str} (application/json, ≤ 256 KiB) → live.text_activations
+  POST /api/generate  {"unit", "feature", "value", "prompt", "max_new_tokens", "seed"} → live.steer:
+                      continuations with the feature clamped to value and without (the steering panel)
 
 A WSGI app (werkzeug) served by waitress. The site shows untrusted corpus text and the server runs
 on the reader's machine, so every response carries a strict CSP, and requests that another site
@@ -94,6 +96,8 @@ class InspectorApp:
       return self._status() if request.method in ("GET", "HEAD") else _not_allowed("GET, HEAD")
     if path == "/api/text":
       return self._text(request) if request.method == "POST" else _not_allowed("POST")
+    if path == "/api/generate":
+      return self._generate(request) if request.method == "POST" else _not_allowed("POST")
     if path.startswith("/api/"):
       return _error(404, "no such API endpoint")
     if request.method not in ("GET", "HEAD"):
@@ -151,19 +155,43 @@ class InspectorApp:
     return _json({"live": True, "units": live.unit_names(run), "seq_len": int(run.cfg.data.seq_len),
                   "max_tokens": self.max_tokens})
 
-  def _text(self, request: Request) -> Response:
+  def _json_body(self, request: Request):
+    """(the request's JSON object, None) or (None, an error response)."""
     if request.mimetype != "application/json":
-      return _error(415, "Content-Type must be application/json")
+      return None, _error(415, "Content-Type must be application/json")
     if request.content_length is not None and request.content_length > MAX_BODY:
-      return _error(413, f"body over {MAX_BODY // 1024} KiB")
+      return None, _error(413, f"body over {MAX_BODY // 1024} KiB")
     body = request.stream.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
-      return _error(413, f"body over {MAX_BODY // 1024} KiB")
+      return None, _error(413, f"body over {MAX_BODY // 1024} KiB")
     try:
       query = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      return _error(400, f"body: not JSON ({str(e).splitlines()[0][:120]})")
-    if not isinstance(query, dict) or not isinstance(query.get("text"), str):
+      return None, _error(400, f"body: not JSON ({str(e).splitlines()[0][:120]})")
+    if not isinstance(query, dict):
+      return None, _error(400, "body: a JSON object expected")
+    return query, None
+
+  def _generate(self, request: Request) -> Response:
+    query, err = self._json_body(request)
+    if err:
+      return err
+    try:
+      run = self.run()
+    except errors.UserInputError as e:
+      return _error(503, f"the run cannot be opened: {e}")
+    try:
+      with self._compute_lock:
+        result = live.steer(run, query)
+    except errors.UserInputError as e:
+      return _error(400, str(e))
+    return _json(result)
+
+  def _text(self, request: Request) -> Response:
+    query, err = self._json_body(request)
+    if err:
+      return err
+    if not isinstance(query.get("text"), str):
       return _error(400, 'body: {"text": string, "unit": string} expected; text must be a string')
     if not isinstance(query.get("unit"), str):
       return _error(400, 'body: {"text": string, "unit": string} expected; unit must be a string')

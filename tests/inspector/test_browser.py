@@ -332,6 +332,16 @@ def test_served_mode_runs_typed_text(browser, inspector_run, inspector_site, hos
     resp = pg.p.request.get(serving.url)
     assert "script-src 'self'" in resp.headers["content-security-policy"]
     pg.close()
+    # the steering panel (served only): a prompt with hostile text, clamped and clean columns side by side
+    pg = Page(browser, serving.url + "index.html#sae=sae0&feature=3")
+    pg.ready("sae0/3")
+    pg.p.wait_for_selector("[data-panel=steer] .steer-go")
+    pg.p.fill("[data-panel=steer] .steer-prompt", "x = " + hostile[0])   # cut to its end: the tiny model reads 16
+    pg.p.click("[data-panel=steer] .steer-go")
+    pg.p.wait_for_selector("[data-panel=steer] .steer-edited", timeout=60000)
+    assert "clamped to" in pg.text("[data-panel=steer] .steer-edited") and "KL" in pg.text("[data-panel=steer]")
+    pg.inert()
+    pg.close()
   finally:
     serving.close()
 

@@ -244,3 +244,24 @@ def test_run_that_cannot_open(site):
   r = client.get("/api/status")
   assert r.status_code == 500 and "ZeroDivisionError" not in r.get_data(as_text=True)
   assert len(logged) == 1 and "ZeroDivisionError" in logged[0]
+
+
+def test_generate_steers_and_refuses_bad_queries(client, run):
+  """POST /api/generate (the steering panel): the same draws with and without the clamp, the shift
+  after the prompt, and a one-line 400 for each malformed field."""
+  def post(body):
+    return client.post("/api/generate", data=json.dumps(body), content_type="application/json")
+  ok = {"unit": "sae0", "feature": 3, "value": 50.0, "prompt": "The list " * 20, "max_new_tokens": 4, "seed": 1}
+  r = post(ok)
+  assert r.status_code == 200, r.get_json()
+  j = r.get_json()
+  assert j["feature"] == 3 and j["prompt_cut"] and j["prompt_tokens"] + j["new_tokens"] <= 16 and isinstance(j["clean"], str) and isinstance(j["edited"], str)
+  assert j["kl"] > 0 and len(j["up"]) == 5 and len(j["down"]) == 5
+  assert all(after > before for _, before, after in j["up"]) and all(after < before for _, before, after in j["down"])
+  assert post(ok).get_json()["edited"] == j["edited"]   # seeded: the same continuation again
+  for bad in ({"unit": "neurons"}, {"unit": "sae9"}, {"feature": -1}, {"feature": 10**6}, {"feature": "3"},
+              {"value": float("inf")}, {"value": "5"}, {"prompt": ""}, {"prompt": 7}, {"prompt": "x" * 5000},
+              {"max_new_tokens": 0}, {"max_new_tokens": 10**6}, {"seed": -1}):
+    r = post(dict(ok, **bad) if "inf" not in str(bad.get("value")) else {**ok, "value": 1e9})
+    assert r.status_code == 400 and "\n" not in r.get_json()["error"], (bad, r.get_json())
+  assert client.get("/api/generate").status_code == 405

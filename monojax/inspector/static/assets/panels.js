@@ -227,6 +227,48 @@
         el("p", { class: "muted" }, ["and raises most often:"]), el("ul", { class: "abl-tokens" }, top(up)),
         el("p", { class: "muted" }, ["Underlined tokens in the examples below: hover for the effect there (red: the feature lowers the actual next token's loss)."])]);
     } },
+    { id: "steer", title: "Steering (served)", wide: true, below: true,
+      when: function (ctx) { return /^https?:$/.test(location.protocol) && ctx.unit.kind !== "neurons" && !!ctx.f; },
+      render: function (ctx) {
+        // Clamp this feature to a value at every position and sample with and without (POST api/generate).
+        var f = ctx.f, C = ctx.site.window[0], top = (f.groups.filter(function (g) { return g.name === "top"; })[0] || { ex: [] }).ex[0];
+        var start = top ? top[4].slice(0, C + 1).filter(function (id) { return id >= 0; }).map(function (id) { return M.tok(id); })
+          .join("").replace(/\u23ce/g, "\n").replace(/\u21e5/g, "\t") : "The";
+        var prompt = el("textarea", { class: "steer-prompt", rows: 3, "aria-label": "prompt" }, [start]);
+        var maxv = Math.max(f.max || 1, 1e-6), value = el("input", { type: "range", min: String(-2 * maxv), max: String(10 * maxv),
+          step: String(maxv / 20), value: String(5 * maxv), class: "steer-value", "aria-label": "clamp value" });
+        var shown = el("span", { class: "steer-shown" }, [fmt(5 * maxv)]);
+        value.addEventListener("input", function () { shown.textContent = fmt(+value.value); });
+        var out = el("div", { class: "steer-out" }), status = el("span", { class: "muted steer-status" });
+        var go = el("button", { type: "button", class: "steer-go" }, ["Generate"]);
+        go.addEventListener("click", function () {
+          status.textContent = "running…";
+          fetch("api/generate", { method: "POST", headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ unit: ctx.unit.name, feature: ctx.i, value: +value.value, prompt: prompt.value,
+              max_new_tokens: 24, seed: 0 }) })
+            .then(function (r) { return r.json().then(function (j) { if (!r.ok) throw new Error(j.error || ("HTTP " + r.status)); return j; }); })
+            .then(function (j) {
+              M.clear(out);
+              var col = function (title, text, cls) {
+                return el("div", { class: "steer-col " + cls }, [el("p", { class: "muted" }, [title]), el("pre", { class: "steer-text" }, [text])]);
+              };
+              var moved = function (rows) {
+                return el("ul", { class: "abl-tokens" }, rows.map(function (r) {
+                  return el("li", {}, [el("span", { class: "tok plain" }, [r[0]]), " " + fmt(r[1]) + " \u2192 " + fmt(r[2])]); }));
+              };
+              out.appendChild(el("div", { class: "steer-cols" }, [col("without", j.clean, "steer-clean"),
+                col("feature " + ctx.i + " clamped to " + fmt(j.value), j.edited, "steer-edited")]));
+              out.appendChild(el("p", { class: "muted" }, ["next token after the prompt: KL " + fmt(j.kl) + " nats; raised most:"]));
+              out.appendChild(moved(j.up));
+              out.appendChild(el("p", { class: "muted" }, ["lowered most:"]));
+              out.appendChild(moved(j.down));
+              status.textContent = (j.prompt_cut ? "the prompt's last " : "") + j.prompt_tokens + " prompt tokens; " + j.new_tokens +
+                " sampled (temperature 1, top-p 0.9, the same draws in both)";
+            })
+            .catch(function (err) { status.textContent = "error: " + err.message; });
+        });
+        return el("div", {}, [prompt, el("div", { class: "steer-row" }, ["clamp value ", value, " ", shown, " ", go, " ", status]), out]);
+      } },
     { id: "links", title: "Related features", render: function (ctx) {
       var L = (ctx.f && ctx.f.links) || {}, out = el("div", {});
       Object.keys(L.family || {}).forEach(function (b) {
