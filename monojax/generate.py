@@ -166,10 +166,8 @@ def main(argv=None) -> int:
       raise errors.UserInputError(f"--temperature={args.temperature}: must be ≥ 0 (0: greedy)")
     if not 0 < args.top_p <= 1:
       raise errors.UserInputError(f"--top_p={args.top_p}: must be in (0, 1]")
-    workdir = os.path.abspath(os.path.expanduser(args.workdir))
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-      raise errors.MissingInputError(f"--workdir={args.workdir}: no config.json there; not a monojax run")
-    from monojax.run import Run
+    from monojax.run import Run, check_workdir
+    workdir = check_workdir(args.workdir)
     run = Run.open(workdir, log=logging.debug)
     sae = int(args.sae) if args.sae.isdigit() else args.sae
     print(report(run, args.prompt, sae, _edits(args), samples=args.samples, max_new_tokens=args.max_new_tokens,

@@ -52,15 +52,6 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _check_workdir(workdir: str) -> str:
-  path = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(path):
-    raise errors.MissingInputError(f"--workdir={workdir}: not a directory (expected a run written by monojax.main)")
-  if not os.path.exists(os.path.join(path, "config.json")):
-    raise errors.MissingInputError(f"--workdir={workdir}: no config.json there; not a monojax run")
-  return path
-
-
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if not args.verb:
@@ -68,9 +59,10 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for name in ("absl", "jax", "orbax", "etils", "grain"):
     logging.getLogger(name).setLevel(logging.WARNING)
+  from monojax import run as run_lib
   from monojax.inspector import site
   try:
-    workdir = _check_workdir(args.workdir)
+    workdir = run_lib.check_workdir(args.workdir)
     if args.verb == "build":
       site.build(workdir, out=args.out, samples=not args.no_samples, log=logging.info)
       return 0

@@ -193,6 +193,16 @@ class Run:
 
 # ------------------------------------------------------------------------------------- helpers
 
+def check_workdir(workdir: str, flag: str = "--workdir") -> str:
+  """A verb's --workdir: the absolute path of a monojax run, or a one-line error naming the flag."""
+  path = os.path.abspath(os.path.expanduser(str(workdir)))
+  if not os.path.isdir(path):
+    raise errors.MissingInputError(f"{flag}={workdir}: not a directory (expected a run written by monojax.main)")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise errors.MissingInputError(f"{flag}={workdir}: no config.json there; not a monojax run")
+  return path
+
+
 def _open_checkpoints(workdir: str) -> checkpoint.Checkpointer:
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):

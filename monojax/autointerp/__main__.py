@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 
 from monojax import errors, text
@@ -92,9 +91,8 @@ def main(argv=None) -> int:
     _parser().error(f"argument --max_retries: expected ≥ 0, got {args.max_retries}")
   scorers = tuple(s.strip() for s in args.scorers.split(",") if s.strip())
   try:
-    workdir = os.path.abspath(os.path.expanduser(args.workdir))
-    if not os.path.isdir(workdir) or not os.path.exists(os.path.join(workdir, "config.json")):
-      raise errors.MissingInputError(f"--workdir={args.workdir}: not a monojax run (no config.json there)")
+    from monojax import run as run_lib
+    workdir = run_lib.check_workdir(args.workdir)
     max_cost = args.max_cost
     if args.backend != "offline" and max_cost is None:
       from monojax.autointerp import llm

@@ -36,15 +36,6 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _check_workdir(workdir: str) -> str:
-  path = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(path):
-    raise errors.MissingInputError(f"--workdir={workdir}: not a directory (expected a run written by monojax.main)")
-  if not os.path.exists(os.path.join(path, "config.json")):
-    raise errors.MissingInputError(f"--workdir={workdir}: no config.json there; not a monojax run")
-  return path
-
-
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   saes = [s.strip() for s in args.sae.split(",") if s.strip()] if args.sae is not None else None
@@ -55,10 +46,10 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for name in ("absl", "jax", "orbax", "etils", "grain"):
     logging.getLogger(name).setLevel(logging.WARNING)
-  from monojax import export
+  from monojax import export, run as run_lib
   try:
     out = export.check_out(args.out)  # before the (slow) open: nothing is read or written for a refused --out
-    workdir = _check_workdir(args.workdir)
+    workdir = run_lib.check_workdir(args.workdir)
     from monojax.run import Run
     run = Run.open(workdir, step=args.step, log=logging.info)
     out = export.export_run(run, args.to, out, saes)

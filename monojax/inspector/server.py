@@ -156,7 +156,7 @@ class InspectorApp:
                   "max_tokens": self.max_tokens})
 
   def _json_body(self, request: Request):
-    """(the request's JSON object, None) or (None, an error response)."""
+    """(the request's JSON, None) or (None, an error response)."""
     if request.mimetype != "application/json":
       return None, _error(415, "Content-Type must be application/json")
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -168,44 +168,37 @@ class InspectorApp:
       query = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       return None, _error(400, f"body: not JSON ({str(e).splitlines()[0][:120]})")
-    if not isinstance(query, dict):
-      return None, _error(400, "body: a JSON object expected")
     return query, None
 
-  def _generate(self, request: Request) -> Response:
-    query, err = self._json_body(request)
-    if err:
-      return err
+  def _computed(self, fn) -> Response:
+    """fn(run)'s JSON, computed one request at a time; the run opened on first use."""
     try:
       run = self.run()
     except errors.UserInputError as e:
       return _error(503, f"the run cannot be opened: {e}")
     try:
       with self._compute_lock:
-        result = live.steer(run, query)
+        result = fn(run)
     except errors.UserInputError as e:
       return _error(400, str(e))
     return _json(result)
+
+  def _generate(self, request: Request) -> Response:
+    query, err = self._json_body(request)
+    if err is None and not isinstance(query, dict):
+      err = _error(400, "body: a JSON object expected")
+    return err or self._computed(lambda run: live.steer(run, query))
 
   def _text(self, request: Request) -> Response:
     query, err = self._json_body(request)
     if err:
       return err
-    if not isinstance(query.get("text"), str):
+    if not isinstance(query, dict) or not isinstance(query.get("text"), str):
       return _error(400, 'body: {"text": string, "unit": string} expected; text must be a string')
     if not isinstance(query.get("unit"), str):
       return _error(400, 'body: {"text": string, "unit": string} expected; unit must be a string')
-    try:
-      run = self.run()
-    except errors.UserInputError as e:
-      return _error(503, f"the run cannot be opened: {e}")
-    try:
-      with self._compute_lock:
-        result = live.text_activations(run, query["text"], query["unit"], max_tokens=self.max_tokens,
-                                       top_k=self.top_k)
-    except errors.UserInputError as e:
-      return _error(400, str(e))
-    return _json(result)
+    return self._computed(lambda run: live.text_activations(run, query["text"], query["unit"],
+                                                             max_tokens=self.max_tokens, top_k=self.top_k))
 
 
 def make_app(site_dir: str, run_loader, **kw) -> InspectorApp:

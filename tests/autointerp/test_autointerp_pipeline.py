@@ -541,7 +541,7 @@ def test_cli_refuses_what_is_not_an_analysed_run(tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
   rc, err = _cli([f"--workdir={empty}"], capsys)
-  assert rc == 2 and err.count("\n") == 1 and f"--workdir={empty}: not a monojax run" in err
+  assert rc == 2 and err.count("\n") == 1 and f"--workdir={empty}: no config.json there; not a monojax run" in err
   rc, err = _cli([f"--workdir={tmp_path / 'missing'}"], capsys)
   assert rc == 2 and err.count("\n") == 1 and "--workdir=" in err
   (empty / "config.json").write_text("{}")
