@@ -19,14 +19,8 @@ import sys
 from monojax import errors
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse prints the whole usage)
-    print(f"monojax.analyze: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m monojax.analyze", description=__doc__.split("\n\n")[0])
+  p = errors.ArgumentParser(prog="python -m monojax.analyze", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", help="the run to analyse (a directory written by monojax.main)")
   p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="universality: two runs on the same tokens")
   p.add_argument("--tokens", type=_positive_int, default=1_000_000, help="tokens to analyse (default 1,000,000)")

@@ -27,12 +27,6 @@ PROG = "python -m monojax.generate"
 COLUMN = 44   # characters of continuation text per column line
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse prints the whole usage)
-    print(f"monojax.generate: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
 def _feature_id(s: str) -> int:
   try:
     v = int(s)
@@ -67,7 +61,7 @@ def _positive_int(s: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+  p = errors.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="the run (a directory written by monojax.main)")
   p.add_argument("--prompt", required=True, help="the text to continue")
   p.add_argument("--sae", default="sae0", help="the SAE whose features are edited (name or index; default sae0)")

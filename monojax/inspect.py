@@ -20,12 +20,6 @@ from monojax import errors
 PROG = "python -m monojax.inspect"
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse prints the whole usage)
-    print(f"monojax.inspect: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
 def _port(s: str) -> int:
   try:
     v = int(s)
@@ -37,8 +31,8 @@ def _port(s: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-  sub = p.add_subparsers(dest="verb", parser_class=_Parser, metavar="{build,serve}")
+  p = errors.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="verb", parser_class=errors.ArgumentParser, metavar="{build,serve}")
   b = sub.add_parser("build", help="write the static site RUN/inspector/")
   b.add_argument("--workdir", required=True, help="the run (a directory written by monojax.main, analysed)")
   b.add_argument("--out", default=None, help="where to write the site (default RUN/inspector)")

@@ -75,9 +75,7 @@ def _effects_fn(vocab: int):
   @jax.jit
   def effects(x, delta, nxt, ln_w, ln_b, W_U):
     def logp(h):
-      h = h - h.mean(-1, keepdims=True)
-      h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + 1e-5) * ln_w + ln_b
-      z = jnp.dot(h, W_U, precision=jax.lax.Precision.HIGHEST)[:, :vocab]
+      z = jnp.dot(transformer.layer_norm(h, ln_w, ln_b), W_U, precision=jax.lax.Precision.HIGHEST)[:, :vocab]
       return jax.nn.log_softmax(z, axis=-1)
     clean, abl = logp(x), logp(x + delta)
     diff = abl - clean

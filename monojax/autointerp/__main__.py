@@ -24,12 +24,6 @@ from monojax import errors, text
 PROG = "python -m monojax.autointerp"
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2
-    print(f"monojax.autointerp: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
 def _positive(kind):
   def parse(s: str):
     try:
@@ -53,7 +47,7 @@ def _price(s: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="the run (written by monojax.main and analysed)")
   p.add_argument("--backend", choices=("offline", "anthropic", "openai"), default="offline",
                  help="offline (a baseline, no model), anthropic, or openai (any OpenAI-compatible endpoint)")

@@ -72,30 +72,38 @@ def explain_turns() -> list[dict]:
   return turns
 
 
+def _demo(specs) -> tuple[list[Window], callable]:
+  """The demo contexts as Windows whose token ids index one list of the demo's own pieces, and the
+  pieces function the prompt builders call with them."""
+  pieces, windows = [], []
+  for kind, toks in specs:
+    ids = np.arange(len(pieces), len(pieces) + len(toks))
+    pieces += [text_lib.visible(p) for p, _ in toks]
+    windows.append(Window(ids, np.asarray([a for _, a in toks], np.float32), kind))
+  return windows, lambda ids: [pieces[int(i)] for i in ids]
+
+
 def simulate_turns() -> list[dict]:
   specs = [_YEARS[2], _YEARS[4], _YEARS[0]]
-  windows = [Window(np.arange(len(t)), np.zeros(len(t), np.float32), k) for k, t in specs]
-  table = iter([[text_lib.visible(p) for p, _ in t] for _, t in specs])
-  user = prompts.simulate_prompt("years in citations and dates", windows, lambda ids: next(table))
+  windows, pieces = _demo(specs)
+  user = prompts.simulate_prompt("years in citations and dates", windows, pieces)
   answer = "\n".join(f"Example {n + 1}: [{', '.join(str(a) for _, a in t)}]" for n, (_, t) in enumerate(specs))
   return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
 def detect_turns() -> list[dict]:
   specs = [_CYRILLIC[3], _CYRILLIC[0], _PARENS[4], _CYRILLIC[1]]
-  windows = [Window(np.arange(len(t)), np.zeros(len(t), np.float32), k) for k, t in specs]
-  table = iter([[text_lib.visible(p) for p, _ in t] for _, t in specs])
-  user = prompts.detect_prompt("Russian (Cyrillic) text", windows, lambda ids: next(table))
+  windows, pieces = _demo(specs)
+  user = prompts.detect_prompt("Russian (Cyrillic) text", windows, pieces)
   answer = "\n".join(f"Example {n + 1}: {int(any(a > 0 for _, a in t))}" for n, (_, t) in enumerate(specs))
   return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
 def fuzz_turns() -> list[dict]:
   specs = [(_PARENS[0], [7], 1), (_PARENS[1], [1, 2], 0), (_PARENS[2], [6], 1), (_PARENS[1], [5, 6], 1)]
-  windows = [Window(np.arange(len(t)), np.zeros(len(t), np.float32), k) for (k, t), _, _ in specs]
-  table = iter([[text_lib.visible(p) for p, _ in t] for (_, t), _, _ in specs])
+  windows, pieces = _demo([spec for spec, _, _ in specs])
   user = prompts.fuzz_prompt("closing parentheses ending function calls in code",
-                             [(w, np.asarray(m)) for w, (_, m, _) in zip(windows, specs)], lambda ids: next(table))
+                             [(w, np.asarray(m)) for w, (_, m, _) in zip(windows, specs)], pieces)
   answer = "\n".join(f"Example {n + 1}: {ok}" for n, (_, _, ok) in enumerate(specs))
   return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 

@@ -20,14 +20,8 @@ from monojax import errors
 PROG = "python -m monojax.export"
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse prints the whole usage)
-    print(f"monojax.export: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+  p = errors.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="the run (a directory written by monojax.main)")
   p.add_argument("--to", required=True, choices=("saelens", "transformerlens"), help="the format")
   p.add_argument("--out", required=True, help="the folder to write (new, empty, or an earlier export)")

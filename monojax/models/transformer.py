@@ -59,10 +59,16 @@ class LayerNorm(nnx.Module):
     self.b = nnx.Param(jnp.zeros((d,), jnp.float32))
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 - x32.mean(-1, keepdims=True)
-    x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + 1e-5)
-    return (x32 * self.w[...] + self.b[...]).astype(x.dtype)
+    return layer_norm(x, self.w[...], self.b[...])
+
+
+def layer_norm(x, w, b):
+  """TransformerLens 'LN' in fp32 (returned in x's dtype): also what analyses that re-run the final
+  norm on an edited residual call (analysis/ablation.py)."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 - x32.mean(-1, keepdims=True)
+  x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + 1e-5)
+  return (x32 * w + b).astype(x.dtype)
 
 
 def rotary(x, positions, base: float = 10_000.0):
