@@ -10,10 +10,10 @@ def get_config():
   c = base_config()
   c.name = "transformer"
   c.data.tokenizer = "gpt-neox-20b"   # the Pile's own tokenizer, vocab 50,277 (padded to 50,304)
-  c.data.format = "tfds"              # pre-packed windows: batch i is a pure function of i
+  c.data.format = "packed"            # windows packed once, read by batch: batch i is a pure function of i
   c.data.seq_len = 256                # the paper samples 250 activations per context: >= 250
   c.data.global_batch = 256
-  c.data.workers = 2
+  c.data.workers = 0                  # the packed reader needs no worker processes (BUILD_NOTES.md, "Performance, round two")
   c.data.count_tokens = False         # the real Pile is ~300B tokens; counting it is not worth hours
   c.train.steps = 200_000
   c.train.warmup_steps = 2_000

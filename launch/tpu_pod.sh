@@ -8,7 +8,7 @@
 #   --git URL[@REF]  clone URL into ~/monojax on each worker and check out REF (a commit, tag or
 #                    origin/<branch>; default origin/HEAD); default without --git: copy this working tree
 #                    (git's tracked + untracked-not-ignored files) there with tpu-vm scp
-#   --prebuild       build the packed data (data.format=tfds) once, on worker 0 on its CPU, before the
+#   --prebuild       build the packed data (data.format=packed) once, on worker 0 on its CPU, before the
 #                    job; without it every worker packs the whole corpus itself at start-up
 #   --dir DIR        checkout directory on the workers (default ~/monojax)
 #
@@ -17,7 +17,7 @@
 # into the same step folder, and process 0 writes config.json and metrics.jsonl. Use a Cloud
 # Storage bucket mounted with gcsfuse (e.g. /gcs/<bucket>, the same mount on all workers) or an
 # NFS/Filestore share. A bare gs:// URL does not work yet for --workdir (main.py runs it through
-# os.path.abspath) nor for data.tfds_dir/index_dir (local-file renames); data.path may be gs://.
+# os.path.abspath) nor for data.packed_dir/index_dir (local-file renames); data.path may be gs://.
 #
 # The job joins the slice through the MONOJAX_* variables (coordinator = worker 0's internal IP,
 # process id = the worker number from the metadata server), the path tested with launch/local.sh:
@@ -28,7 +28,7 @@
 #   export TPU=monojax-v4-32 ZONE=us-central2-b
 #   launch/tpu_pod.sh --install --prebuild -- --config=configs/transformer.py --config.seed=0 \
 #     --config.data.path=/gcs/BUCKET/pile --config.data.train_files='train/*.jsonl.zst' \
-#     --config.data.val_files='val.jsonl.zst' --config.data.tfds_dir=/gcs/BUCKET/tfds \
+#     --config.data.val_files='val.jsonl.zst' --config.data.packed_dir=/gcs/BUCKET/packed \
 #     --config.data.index_dir=/gcs/BUCKET/index --config.train.steps=1525879 \
 #     --config.train.ckpt_every=2000 --config.train.eval_every=2000 --config.train.log_every=100 \
 #     --workdir=/gcs/BUCKET/runs/model_A
@@ -96,7 +96,7 @@ fi
 args="$(printf '%q ' "$@")"
 
 # 3. Optional: pack the corpus once (CPU only on worker 0, no distributed job, throwaway workdir),
-#    so the pod's workers find DONE.json in the shared data.tfds_dir instead of each packing it.
+#    so the pod's workers find DONE.json in the shared data.packed_dir instead of each packing it.
 if ((prebuild)); then
   on_workers 0 "set -e; cd $dir; JAX_PLATFORMS=cpu TPU_WORKER_HOSTNAMES= python3 -m monojax.main $args \
                 --config.train.steps=0 --config.preview_batches=2 --workdir=/tmp/monojax-prebuild"

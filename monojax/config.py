@@ -20,7 +20,7 @@ def base_config() -> config_dict.ConfigDict:
   d.val_files = "val/*.jsonl.zst"  # held-out split, same format (the Pile's val.jsonl.zst works too)
   d.analysis_files = "analysis/*.jsonl.zst"  # documents never trained or evaluated on, read by the feature-
                                    # analysis pass (python -m monojax.analyze); for the Pile, its test shards
-  d.format = "raw"                 # "raw": tokenize shards on the fly; "tfds": pre-packed array_record windows
+  d.format = "raw"                 # "raw": tokenize shards on the fly; "packed": windows packed once, read by batch
   d.tokenizer = "gpt-neox-20b"     # vendored Pile tokenizer | "bpe:<vocab>" (trained on the corpus) | path
   d.seq_len = 256                  # context length; windows hold seq_len + 1 tokens (inputs and targets)
   d.global_batch = 32              # sequences per step over all hosts
@@ -35,7 +35,7 @@ def base_config() -> config_dict.ConfigDict:
   d.max_chunk_chars = 32_768       # long documents are tokenized in pieces of at most this many characters
   d.device_prefetch = 2            # global batches prepared ahead on a thread
   d.index_dir = "~/.cache/monojax/text_index"  # raw reader's document index cache (and BPE/token-count caches)
-  d.tfds_dir = "~/.cache/monojax/tfds"         # where format="tfds" writes packed windows
+  d.packed_dir = "~/.cache/monojax/packed"     # where format="packed" writes its windows
   d.count_tokens = True            # print tokens per set at start (cached)
   d.count_tokens_mb_per_file = 4   # tokenize this much of each file for the count; the rest is extrapolated ("~")
   d.bpe_train_mb = 32              # "bpe:<vocab>" trains on this many MB of documents spread over the train split
@@ -120,7 +120,7 @@ RESUMABLE = ("name", "train.steps", "train.log_every", "train.eval_every", "trai
              "train.keep_checkpoints", "train.async_checkpoints", "train.debug_step_delay_s", "train.inject_nan_step",
              "train.peak_flops", "train.ce_kernel", "sae.sparse_update", "preview_batches", "data.count_tokens",
              "data.count_tokens_mb_per_file", "data.num_threads", "data.prefetch", "data.workers",
-             "data.device_prefetch", "data.analysis_files", "data.index_dir", "data.tfds_dir", "distributed.", "mesh.",
+             "data.device_prefetch", "data.analysis_files", "data.index_dir", "data.packed_dir", "distributed.", "mesh.",
              "sae.min_ablation_gap", "sae.alarm_dead_frac", "analysis.")
 _DERIVED = ("config_version", "model.vocab_size")  # written by the job itself
 
@@ -157,9 +157,21 @@ def load_resolved(path: str) -> config_dict.ConfigDict:
   if version not in _READS_VERSIONS:
     raise errors.RunFormatError(f"{path}: config_version {version!r} was written by another monojax; this one reads "
                                 f"versions {', '.join(map(str, _READS_VERSIONS))}")
+  _rename_old_fields(saved)
   out = _merge(base_config(), saved, path, "")
   out.config_version = CONFIG_VERSION
   return out
+
+
+def _rename_old_fields(saved: dict) -> None:
+  """Runs written before the packed format stopped using TFDS (issue 19) name it data.format "tfds"
+  and its directory data.tfds_dir: read them under today's names."""
+  data = saved.get("data")
+  if isinstance(data, dict):
+    if "tfds_dir" in data and "packed_dir" not in data:
+      data["packed_dir"] = data.pop("tfds_dir")
+    if data.get("format") == "tfds":
+      data["format"] = "packed"
 
 
 def _merge(base, saved: dict, path: str, prefix: str) -> config_dict.ConfigDict:

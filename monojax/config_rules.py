@@ -17,7 +17,7 @@ ANY = None
 # field: allowed values
 CHOICES = {
     "mode": ("lm", "cotrain", "frozen", "toy"),
-    "data.format": ("raw", "tfds"),
+    "data.format": ("raw", "packed"),
     "data.on_error": ("raise", "skip"),
     "model.positional": ("learned", "rotary"),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -143,7 +143,7 @@ def validate(cfg, workdir: str | None = None) -> None:
     if not ok:
       raise errors.ConfigError(f"{field}: expected {_range_text(low, high, low_in, high_in)}; got {v!r}")
   _cross_field(cfg)
-  for field, path in (("--workdir", workdir), ("data.index_dir", cfg.data.index_dir), ("data.tfds_dir", cfg.data.tfds_dir)):
+  for field, path in (("--workdir", workdir), ("data.index_dir", cfg.data.index_dir), ("data.packed_dir", cfg.data.packed_dir)):
     if path and "://" in str(path):
       raise errors.ConfigError(f"{field}: {path} is an object-store URL; monojax commits its files and caches by "
                                "renaming directories, which object stores cannot do: mount the bucket (e.g. "

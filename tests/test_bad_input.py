@@ -30,7 +30,7 @@ CASES = [
     ([QS, "--config.sae.sparse_update=yes"], "sae.sparse_update: expected one of auto, on, off"),
     ([QS, "--config.model.positional=alibi"], "model.positional: expected one of learned, rotary"),
     ([QS, "--config.train.schedule=step"], "train.schedule: expected one of cosine, linear, constant"),
-    ([QS, "--config.data.format=parquet"], "data.format: expected one of raw, tfds"),
+    ([QS, "--config.data.format=parquet"], "data.format: expected one of raw, packed"),
     ([QS, "--config.data.on_error=ignore"], "data.on_error: expected one of raise, skip"),
     ([QS, "--config.sae.layer=3"], "sae.layer: expected < model.n_layers=1; got 3"),
     ([QS, "--config.train.loss_chunk=5"], "train.loss_chunk: expected 0 or a divisor of data.seq_len=128; got 5"),

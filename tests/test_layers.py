@@ -129,9 +129,9 @@ def test_no_import_cycle(graph):
 
 def test_the_checker_sees_a_cycle_and_an_upward_import():
   """The checks above would catch what they forbid: a two-module cycle (the old data/pipeline <->
-  data/tfds_packed) and sae/ importing train/."""
-  assert _cycle({"monojax.data.pipeline": {"monojax.data.tfds_packed"},
-                 "monojax.data.tfds_packed": {"monojax.data.pipeline"}}) is not None
+  data/packed) and sae/ importing train/."""
+  assert _cycle({"monojax.data.pipeline": {"monojax.data.packed"},
+                 "monojax.data.packed": {"monojax.data.pipeline"}}) is not None
   assert _upward({"monojax.sae.core": {"monojax.train.step"}, "monojax.train.step": set()}) == [
       "monojax.sae.core -> monojax.train.step"]
   assert _upward({"monojax.data.pipeline": {"monojax.corpus.build_corpus"}}) == [

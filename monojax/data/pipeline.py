@@ -3,8 +3,9 @@
 Two readers feed the same tail:
   raw:  Pile *.jsonl.zst → JsonlZstSource → shuffle → repeat → host slice → tokenize (batched,
         EOS between documents) → concat-then-split into seq_len+1 windows → batch
-  tfds: pre-packed windows (array_record, see tfds_packed.py) → shuffle → repeat → host slice → batch
-        (random access: batch i is a pure function of i — the form a TPU pod streams)
+  packed: windows packed once into one flat array per split (packed.py) → a seeded permutation per
+        epoch → host slice → whole batches read with one fancy index (batch i is a pure function of
+        i — the form a TPU pod streams)
 Both end in an `IterDataset` of {"tokens": int32[host_batch, seq_len + 1]} whose state grain can
 checkpoint; `to_global` turns each host batch into a slice of one global array on the mesh's data
 axis with `jax.make_array_from_process_local_data`.
@@ -131,19 +132,17 @@ def host_batches(data_cfg, split: str, *, tokenizer: tokenizer_lib.TextTokenizer
       # ~80 windows of 129): without this a batch of 32 holds 1-3 documents, the gradient is noisy
       # and a higher lr diverges. Checkpointable: grain replays the parent from the window start.
       it = gx.WindowShuffleIterDataset(it, window_size=int(data_cfg.shuffle_windows), seed=seed)
-  elif data_cfg.format == "tfds":
-    # imported here: the tfds import is slow and only this path needs it (measured: BUILD_NOTES.md,
-    # "Two readers, one tail")
-    from monojax.data import tfds_packed
-    ds = grain.MapDataset.source(tfds_packed.packed_source(data_cfg, root, split, tokenizer, log=log))
-    if shuffle:
-      ds = ds.shuffle(seed=seed)
-    if repeat:
-      ds = ds.repeat(None)
-    ds = ds[process_index::process_count].map(tfds_packed.tokens_of)
-    it = ds.to_iter_dataset(read)
+  elif data_cfg.format == "packed":
+    # Whole batches from one memory-mapped array (packed.py): batch k is a pure function of k.
+    from monojax.data import packed
+    it = packed.host_batches(data_cfg, root, split, tokenizer, host_batch=host_batch, seed=seed,
+                             process_index=process_index, process_count=process_count, repeat=repeat,
+                             shuffle=shuffle, log=log).to_iter_dataset(read)
+    if data_cfg.workers > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+    return it
   else:
-    raise errors.ConfigError(f"data.format must be 'raw' or 'tfds', got {data_cfg.format!r}")
+    raise errors.ConfigError(f"data.format must be 'raw' or 'packed', got {data_cfg.format!r}")
   it = it.batch(host_batch, drop_remainder=True).map(_to_int32_batch)
   if data_cfg.workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
@@ -234,7 +233,7 @@ def _analysis_host_batches(data_cfg, tokenizer: tokenizer_lib.TextTokenizer, roo
   """This host's batches of `split` (the analysis split unless told), read once: documents in a fixed seeded order (so any prefix
   samples every set: the shards are ordered by set), this host's every process_count-th document,
   packed exactly as evaluation packs (EOS between documents, full windows only), no window shuffle.
-  Always the raw reader (format="tfds" packs only train and val)."""
+  Always the raw reader (format="packed" packs only train and val)."""
   read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
   ds = grain.MapDataset.source(text_source(data_cfg, root, split, log)).shuffle(seed=ANALYSIS_SEED)
   it = _pack(ds[process_index::process_count], data_cfg, tokenizer, read)

@@ -29,7 +29,7 @@ DEFAULT_INDEX_DIR = "~/.cache/monojax/text_index"
 # data.path="default" (built by monojax.corpus). v2 added analysis/: a machine holding only a v1
 # corpus builds v2 beside it on first use.
 DEFAULT_CORPUS_DIR = "~/.cache/monojax/corpus/debmix-v2"
-SPLITS = ("train", "val")  # the splits a training job reads (token counts at start, format="tfds" packing)
+SPLITS = ("train", "val")  # the splits a training job reads (token counts at start, format="packed" packing)
 ANALYSIS = "analysis"      # documents never trained or evaluated on: the feature-analysis pass reads them
 ALL_SPLITS = SPLITS + (ANALYSIS,)
 SPLIT_FLAGS = {"train": "data.train_files", "val": "data.val_files", ANALYSIS: "data.analysis_files"}

@@ -69,7 +69,7 @@ def test_analysis_batches_are_the_packed_split_in_a_fixed_document_order(analysi
   analysis_cfg.seed = 7
   analysis_cfg.shuffle_windows = 0
   analysis_cfg.tokenize_batch_docs = 3
-  analysis_cfg.format = "tfds"
+  analysis_cfg.format = "packed"
   again = _batches(analysis_cfg, mesh, batch_size=8)
   assert len(again) == len(got) and all(np.array_equal(a, b) for a, b in zip(got, again))
   # batch_size defaults to data.global_batch

@@ -180,10 +180,10 @@ def test_max_line_bytes_is_a_config_field():
 
 
 def test_max_line_bytes_reaches_the_readers(tmp_path):
-  """The document index (data/sources.py), the token counter (corpus_stats) and the TFDS packer
-  (tfds_packed, from data.max_line_bytes) read with the cap; a non-default cap gets its own cache key."""
+  """The document index (data/sources.py), the token counter (corpus_stats) and the packer
+  (packed, from data.max_line_bytes) read with the cap; a non-default cap gets its own cache key."""
   from monojax import config
-  from monojax.data import corpus_stats, sources, tfds_packed
+  from monojax.data import corpus_stats, sources, packed
   p = _write_raw(tmp_path / "cap.jsonl.zst", [_rec("short one"), _rec("y" * 10_000), _rec("short two")])
   src = sources.JsonlZstSource([str(p)], on_error="skip", index_dir=str(tmp_path / "idx"), log=lambda _: None,
                                max_line_bytes=1024)
@@ -202,9 +202,9 @@ def test_max_line_bytes_reaches_the_readers(tmp_path):
   assert counted["skips"] == {"too_long": 1} and counted["sets"]["s"]["documents"] == 2
 
   cfg = config.base_config().data
-  assert tfds_packed._max_line_bytes(cfg) == 64 << 20
+  assert packed._max_line_bytes(cfg) == 64 << 20
   cfg.max_line_bytes = 1024
-  assert tfds_packed._max_line_bytes(cfg) == 1024
+  assert packed._max_line_bytes(cfg) == 1024
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -32,7 +32,7 @@ def test_raw_batches_have_the_right_shape(data_cfg):
     assert b["tokens"].max() < 512
 
 
-@pytest.mark.parametrize("fmt", ["raw", "tfds"])
+@pytest.mark.parametrize("fmt", ["raw", "packed"])
 def test_packing_loses_and_duplicates_nothing(data_cfg, fmt):
   """One pass, in order: windows concatenate to exactly the EOS-joined token stream."""
   data_cfg.format = fmt
@@ -41,11 +41,7 @@ def test_packing_loses_and_duplicates_nothing(data_cfg, fmt):
   windows = np.concatenate([b["tokens"] for b in _batches(data_cfg, "val", host_batch=1, repeat=False)])
   L = data_cfg.seq_len + 1
   assert windows.shape == (len(stream) // L, L)
-  if fmt == "raw":
-    np.testing.assert_array_equal(windows.reshape(-1), stream[:windows.size])
-  else:  # TFDS stores examples in a hashed order: the same windows, permuted
-    expect = stream[:windows.size].reshape(-1, L)
-    assert sorted(map(bytes, windows.astype(np.int32))) == sorted(map(bytes, expect.astype(np.int32)))
+  np.testing.assert_array_equal(windows.reshape(-1), stream[:windows.size])
 
 
 def test_two_hosts_see_disjoint_data_that_covers_everything(data_cfg):
@@ -122,7 +118,7 @@ def test_window_shuffle_permutes_packed_windows_within_blocks(data_cfg):
   assert [bytes(w) for w in plain] != [bytes(w) for w in shuffled]
 
 
-@pytest.mark.parametrize("fmt,workers", [("raw", 0), ("tfds", 0), ("raw", 1)])
+@pytest.mark.parametrize("fmt,workers", [("raw", 0), ("packed", 0), ("raw", 1)])
 def test_iterator_state_resumes_with_exactly_the_next_batch(data_cfg, fmt, workers):
   data_cfg.format = fmt
   data_cfg.workers = workers
@@ -185,7 +181,7 @@ def _corpus_with_bad_line(tmp_path, line: bytes):
   return str(root)
 
 
-@pytest.mark.parametrize("fmt", ["raw", "tfds"])
+@pytest.mark.parametrize("fmt", ["raw", "packed"])
 def test_bad_record_raises_naming_file_and_line(data_cfg, tmp_path, fmt):
   data_cfg.path = _corpus_with_bad_line(tmp_path, b"{broken json")
   data_cfg.format = fmt
@@ -193,7 +189,7 @@ def test_bad_record_raises_naming_file_and_line(data_cfg, tmp_path, fmt):
     next(iter(_batches(data_cfg)))
 
 
-@pytest.mark.parametrize("fmt", ["raw", "tfds"])
+@pytest.mark.parametrize("fmt", ["raw", "packed"])
 def test_bad_record_skipped_and_counted(data_cfg, tmp_path, fmt):
   data_cfg.path = _corpus_with_bad_line(tmp_path, b'{"meta": {}}')
   data_cfg.format = fmt
