@@ -113,12 +113,13 @@ _READS_VERSIONS = (1, 2)
 # absence (the behaviour of the monojax that wrote it).
 ADDED_FIELDS = {"sae.normalize_inputs": False, "sae.min_ablation_gap": 0.01, "sae.alarm_dead_frac": 0.9,
                 "data.max_line_bytes": 64 << 20, "data.analysis_files": "analysis/*.jsonl.zst",
-                "analysis.tokens": 0, "analysis.autointerp": ""}
+                "analysis.tokens": 0, "analysis.autointerp": "",
+                "sae.screen_bf16": "auto"}
 # What a resumed run may change: cadence, logging, performance switches and the machine it runs on.
 # Every other field changes the state or the data stream: a resume with it changed is refused.
 RESUMABLE = ("name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
              "train.keep_checkpoints", "train.async_checkpoints", "train.debug_step_delay_s", "train.inject_nan_step",
-             "train.peak_flops", "train.ce_kernel", "sae.sparse_update", "preview_batches", "data.count_tokens",
+             "train.peak_flops", "train.ce_kernel", "sae.sparse_update", "sae.screen_bf16", "preview_batches", "data.count_tokens",
              "data.count_tokens_mb_per_file", "data.num_threads", "data.prefetch", "data.workers",
              "data.device_prefetch", "data.analysis_files", "data.index_dir", "data.packed_dir", "distributed.", "mesh.",
              "sae.min_ablation_gap", "sae.alarm_dead_frac", "analysis.")

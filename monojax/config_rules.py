@@ -24,6 +24,7 @@ CHOICES = {
     "train.dtype": ("float32", "bfloat16"),
     "train.ce_kernel": ("auto", "on", "off"),
     "sae.sparse_update": ("auto", "on", "off"),
+    "sae.screen_bf16": ("auto", "on", "off"),
     "toy.magnitude": ("uniform", "exponential", "constant"),
     "analysis.autointerp": ("offline", ""),   # a language model needs flags and a key: python -m monojax.autointerp
 }

@@ -13,6 +13,24 @@ MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc
 _MARKER = "MONOJAX_REEXEC"
 
 
+def cpu_flags() -> set[str]:
+  """The ISA flags /proc/cpuinfo lists (empty off Linux)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def has_bf16_matrix_units() -> bool:
+  """AVX512-BF16 or AMX-BF16: where XLA's bf16-input GEMM beats f32 (3.6× measured on an AMX Xeon,
+  BUILD_NOTES.md "Performance, round two"); without them bf16 dots are emulated and slower."""
+  return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def on_accelerator_host() -> bool:
   """True when this process will run on a TPU/GPU (the tunables only matter for the CPU backend)."""
   platforms = os.environ.get("JAX_PLATFORMS", "")

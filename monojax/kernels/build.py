@@ -38,8 +38,10 @@ import jaxlib
 from absl import logging
 
 SAE_TARGET = "monojax_sae_sparse"
+SAE_SCREENED_TARGET = "monojax_sae_sparse_screened"  # the same update fed a bf16 encoder GEMM
 CE_TARGET = "monojax_cross_entropy"
-TARGETS = {SAE_TARGET: "MonojaxSaeSparse", CE_TARGET: "MonojaxCrossEntropy"}  # FFI target -> C symbol
+TARGETS = {SAE_TARGET: "MonojaxSaeSparse", SAE_SCREENED_TARGET: "MonojaxSaeSparseScreened",
+           CE_TARGET: "MonojaxCrossEntropy"}  # FFI target -> C symbol
 ISA_PROBES = {SAE_TARGET: "MonojaxSaeSparseIsa", CE_TARGET: "MonojaxCrossEntropyIsa"}  # -> int bits below
 ISA_BITS = {"avx512f": 1, "avx2": 2, "fma": 4}  # the predefined macros each source saw when compiled
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -204,6 +204,35 @@ int64_t CompactRow(const float* xw, const float* be, int64_t m, int32_t* idx, fl
   return n;
 }
 
+// The bf16-screened variant ("monojax_sae_sparse_screened"): xw holds the encoder GEMM with bf16
+// inputs (f32 accumulation), within margin_bi = kx_b·wn_i + bslack_i of the f32 GEMM's value
+// (sae/sparse/update.py derives it). Appends the candidates, features whose xw + b_e is not
+// <= −margin (NaN included), to idx; the caller recomputes their pre-activation in f32.
+int64_t ScreenRow(const float* xw, const float* be, const float* wn, const float* bslack, float kx, int64_t m,
+                  int32_t* idx) {
+  int64_t n = 0, j = 0;
+#ifdef __AVX512F__
+  const __m512 neg_kx = _mm512_set1_ps(-kx);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + 16 <= m; j += 16) {
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(xw + j), _mm512_loadu_ps(be + j));
+    // −margin = −kx·wn − bslack (an upper bound's negation: rounding only loosens it, see update.py)
+    __m512 thr = _mm512_sub_ps(_mm512_mul_ps(neg_kx, _mm512_loadu_ps(wn + j)), _mm512_loadu_ps(bslack + j));
+    __mmask16 k = _mm512_cmp_ps_mask(v, thr, _CMP_NLE_UQ);  // not (v <= −margin), NaN included
+    if (k) {
+      __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), iota);
+      _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(k, ids));
+      n += __builtin_popcount(k);
+    }
+  }
+#endif
+  for (; j < m; ++j) {
+    const float v = xw[j] + be[j];
+    if (!(v <= -kx * wn[j] - bslack[j])) idx[n++] = static_cast<int32_t>(j);
+  }
+  return n;
+}
+
 // A row whose g_b = ∂L/∂x̂_b is not finite (never on the fast path; see the top of this file).
 // Returns the row's new number of entries (all m features when g_b or xe_b holds a ±inf).
 int64_t NonFiniteRow(Chunk& ch, const float* xw, const float* be, int64_t m, const float* gb, const float* xeb,
@@ -237,6 +266,9 @@ struct Member {
   const float *xw, *be, *xe, *x, *wd, *bd, *l1;
   float *xhat, *dwd, *dwe, *dbe, *colsum;
   int32_t* count;
+  // Screened variant only (wet == nullptr otherwise): W_e transposed [m,d], ‖xe_b‖·κ [B], ‖W_e[:,i]‖
+  // [m], per-feature absolute slack [m] (see ScreenRow).
+  const float *wet = nullptr, *kxn = nullptr, *wn = nullptr, *bslack = nullptr;
 };
 
 constexpr int64_t kFeatBlock = 64;
@@ -263,7 +295,18 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
       int32_t* idx = ch.idx.data() + used;
       float* fv = ch.fv.data() + used;
       float* dfv = ch.dfv.data() + used;
-      int64_t n = CompactRow(a.xw + b * m, a.be, m, idx, fv);
+      const float* xwb = a.xw + b * m;
+      int64_t n;
+      if (a.wet == nullptr) {
+        n = CompactRow(xwb, a.be, m, idx, fv);
+      } else {  // candidates from the bf16 GEMM, then their pre-activations in f32, kept if > 0 or NaN
+        const int64_t nc = ScreenRow(xwb, a.be, a.wn, a.bslack, a.kxn[b], m, idx);
+        GatherDot(nc, idx, a.wet, a.xe + b * d, a.be, fv, d);
+        n = 0;
+        for (int64_t k = 0; k < nc; ++k) {
+          if (!(fv[k] <= 0.f)) idx[n] = idx[k], fv[n++] = fv[k];
+        }
+      }
       float* xh = a.xhat + b * d;
       std::memcpy(xh, a.bd, d * sizeof(float));
       GatherAxpy<false>(n, fv, nullptr, idx, a.wd, nullptr, xh, nullptr, d);
@@ -276,7 +319,18 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
         bad += 0.f * gb[j];
       }
       const bool nonfinite = bad != bad;
-      if (nonfinite) n = NonFiniteRow(ch, a.xw + b * m, a.be, m, gb, a.xe + b * d, d, n, idx, fv);
+      if (nonfinite) {
+        if (a.wet != nullptr) {  // the all-feature case needs every f32 pre-activation of the row
+          thread_local std::vector<float> exact, zeros;
+          thread_local std::vector<int32_t> all;
+          Reserve(exact, m), Reserve(all, m);
+          zeros.assign(m, 0.f);
+          for (int64_t i = 0; i < m; ++i) all[i] = static_cast<int32_t>(i);
+          GatherDot(m, all.data(), a.wet, a.xe + b * d, zeros.data(), exact.data(), d);
+          xwb = exact.data();
+        }
+        n = NonFiniteRow(ch, xwb, a.be, m, gb, a.xe + b * d, d, n, idx, fv);
+      }
       GatherDot(n, idx, a.wd, gb, a.l1, dfv, d);
       if (nonfinite) {
         for (int64_t k = 0; k < n; ++k) dfv[k] = fv[k] > 0.f ? dfv[k] : 0.f;  // relu' = 0 at NaN and <= 0
@@ -383,8 +437,9 @@ void RunMember(Par& par, Workspace& ws, const Member& a, int64_t B, int64_t d, i
 using In = ffi::Buffer<ffi::F32>;
 using Out = ffi::ResultBuffer<ffi::F32>;
 
-ffi::Error SaeSparseImpl(ffi::ThreadPool pool, In xw, In be, In xe, In x, In wd, In bd, In l1, float c, Out xhat,
-                         Out dwd, Out dwe, Out dbe, Out colsum, ffi::ResultBuffer<ffi::S32> count) {
+ffi::Error Run(ffi::ThreadPool& pool, In& xw, In& be, In& xe, In& x, In& wd, In& bd, In& l1, float c, Out& xhat,
+               Out& dwd, Out& dwe, Out& dbe, Out& colsum, ffi::ResultBuffer<ffi::S32>& count, const In* wet,
+               const In* kxn, const In* wn, const In* bslack) {
   auto dims = xw.dimensions();
   if (dims.size() < 2) return ffi::Error::InvalidArgument("xw must be [..., B, m]");
   const int64_t B = dims[dims.size() - 2], m = dims[dims.size() - 1];
@@ -395,6 +450,10 @@ ffi::Error SaeSparseImpl(ffi::ThreadPool pool, In xw, In be, In xe, In x, In wd,
       l1.element_count() != size_t(S * m) || be.element_count() != size_t(S * m)) {
     return ffi::Error::InvalidArgument("monojax_sae_sparse: inconsistent shapes");
   }
+  if (wet != nullptr && (wet->element_count() != size_t(S * m * d) || kxn->element_count() != size_t(S * B) ||
+                         wn->element_count() != size_t(S * m) || bslack->element_count() != size_t(S * m))) {
+    return ffi::Error::InvalidArgument("monojax_sae_sparse_screened: inconsistent shapes");
+  }
   Par par(&pool);
   WorkspaceLease lease;
   for (int64_t s = 0; s < S; ++s) {
@@ -403,9 +462,25 @@ ffi::Error SaeSparseImpl(ffi::ThreadPool pool, In xw, In be, In xe, In x, In wd,
              l1.typed_data() + s * m,       xhat->typed_data() + s * B * d,  dwd->typed_data() + s * m * d,
              dwe->typed_data() + s * d * m, dbe->typed_data() + s * m,       colsum->typed_data() + s * m,
              count->typed_data() + s * m};
+    if (wet != nullptr) {
+      a.wet = wet->typed_data() + s * m * d, a.kxn = kxn->typed_data() + s * B;
+      a.wn = wn->typed_data() + s * m, a.bslack = bslack->typed_data() + s * m;
+    }
     RunMember(par, *lease.ws, a, B, d, m, c);
   }
   return ffi::Error::Success();
+}
+
+ffi::Error SaeSparseImpl(ffi::ThreadPool pool, In xw, In be, In xe, In x, In wd, In bd, In l1, float c, Out xhat,
+                         Out dwd, Out dwe, Out dbe, Out colsum, ffi::ResultBuffer<ffi::S32> count) {
+  return Run(pool, xw, be, xe, x, wd, bd, l1, c, xhat, dwd, dwe, dbe, colsum, count, nullptr, nullptr, nullptr,
+             nullptr);
+}
+
+ffi::Error SaeSparseScreenedImpl(ffi::ThreadPool pool, In xw, In be, In xe, In x, In wd, In bd, In l1, In wet,
+                                 In kxn, In wn, In bslack, float c, Out xhat, Out dwd, Out dwe, Out dbe, Out colsum,
+                                 ffi::ResultBuffer<ffi::S32> count) {
+  return Run(pool, xw, be, xe, x, wd, bd, l1, c, xhat, dwd, dwe, dbe, colsum, count, &wet, &kxn, &wn, &bslack);
 }
 
 }  // namespace
@@ -436,6 +511,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MonojaxSaeSparse, SaeSparseImpl,
                                   .Arg<In>()  // W_d
                                   .Arg<In>()  // b_d
                                   .Arg<In>()  // l1
+                                  .Attr<float>("c")
+                                  .Ret<In>()  // x_hat
+                                  .Ret<In>()  // dW_d
+                                  .Ret<In>()  // dW_e
+                                  .Ret<In>()  // db_e
+                                  .Ret<In>()  // colsum
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MonojaxSaeSparseScreened, SaeSparseScreenedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<In>()  // xw: the bf16-input GEMM (f32 accumulation)
+                                  .Arg<In>()  // b_e
+                                  .Arg<In>()  // xe
+                                  .Arg<In>()  // x
+                                  .Arg<In>()  // W_d
+                                  .Arg<In>()  // b_d
+                                  .Arg<In>()  // l1
+                                  .Arg<In>()  // W_e transposed [m, d]
+                                  .Arg<In>()  // κ·‖xe_b‖ [B]
+                                  .Arg<In>()  // ‖W_e[:, i]‖ [m]
+                                  .Arg<In>()  // absolute slack [m]
                                   .Attr<float>("c")
                                   .Ret<In>()  // x_hat
                                   .Ret<In>()  // dW_d

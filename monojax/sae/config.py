@@ -18,6 +18,8 @@ def sae_config() -> config_dict.ConfigDict:
   s.saes = "4096:0.004:2023"
   s.batch_size = 4096              # activations per SAE step (paper 8,192, §3.3; April replications 4,096)
   s.sparse_update = "auto"         # exact sparse ReLU-SAE update on CPU (sae/sparse): auto | on | off
+  s.screen_bf16 = "auto"           # its encoder GEMM in bf16 with an exact f32 recheck (sae/sparse/update.py):
+                                   # auto (on where the CPU has AVX512-BF16 or AMX) | on | off
   s.normalize_inputs = True        # 2023 SAEs train on c·x with E‖c·x‖ = √n (the 2024 rule; 2024 and topk always
                                    # do), so λ means the same on any LM: λ on raw activations ≈ λ / c. False: raw
                                    # activations as the paper, where λ must suit the LM's scale (docs/paper-notes.md §3.4)

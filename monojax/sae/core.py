@@ -131,7 +131,8 @@ def _update_group(sae_cfg, g: Group, total_steps, group_state, x, input_scale, s
   l1_coefs = jnp.asarray(g.l1s, F32) * recipe.l1_factor(sae_cfg, step, total_steps)
   dead_before = dead_mask(sae_cfg, total_steps, step, group_state["last_fired"])  # AuxK's dead latents
   if sparse.wanted(sae_cfg, recipe):  # exact, work ∝ active features (CPU kernels, sae/sparse)
-    loss_and_grad = functools.partial(sparse.value_and_grad, recipe, sae_cfg)
+    loss_and_grad = functools.partial(sparse.value_and_grad, recipe, sae_cfg,
+                                      screen_bf16=sparse.screen_wanted(sae_cfg))
   else:
     loss_and_grad = jax.value_and_grad(functools.partial(recipe.loss, sae_cfg), argnums=0, has_aux=True)
 

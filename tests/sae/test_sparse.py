@@ -129,8 +129,9 @@ NONFINITE = {
 
 
 @pytest.mark.parametrize("name", ["2023", "2024"])
-@pytest.mark.parametrize("max_density", [1.0, -1.0], ids=["kernel", "dense_formulas"])
-def test_nonfinite_inputs_match_dense(kernels, monkeypatch, name, max_density):
+@pytest.mark.parametrize("max_density,screen", [(1.0, False), (-1.0, False), (1.0, True)],
+                         ids=["kernel", "dense_formulas", "kernel_bf16_screen"])
+def test_nonfinite_inputs_match_dense(kernels, monkeypatch, name, max_density, screen):
   """A NaN or inf in x, W_e, b_e or W_d: every output of sparse.value_and_grad (loss, recon,
   sparsity, x̂, f, fired counts, column sums, each gradient) is NaN, +inf, -inf exactly where
   autodiff of recipe.loss's is, and equal elsewhere; on the kernel branch (MAX_DENSITY 1: always)
@@ -140,7 +141,7 @@ def test_nonfinite_inputs_match_dense(kernels, monkeypatch, name, max_density):
   lam = {"2023": 0.004, "2024": 5.0}[name]
   run = lambda fn: jax.jit(jax.vmap(fn, in_axes=(0, None, 0)))  # noqa: E731
   dense = run(jax.value_and_grad(lambda p, x, l: rec.loss(cfg, p, x, l, dead), has_aux=True))
-  ours = run(lambda p, x, l: sparse.value_and_grad(rec, cfg, p, x, l, dead))
+  ours = run(lambda p, x, l: sparse.value_and_grad(rec, cfg, p, x, l, dead, screen_bf16=screen))
   lams = jnp.asarray([lam, 2 * lam], jnp.float32)
   failures = []
   for case, edits in NONFINITE.items():
@@ -166,12 +167,13 @@ def test_nonfinite_inputs_match_dense(kernels, monkeypatch, name, max_density):
   assert not failures, "\n".join(failures)
 
 
-def _core_setup(mode):
+def _core_setup(mode, screen="off"):
   c = sae_config()
   c.saes = f"{M}:0.004:2023,{M}:0.01:2023,{M}::2024"
   c.normalize_inputs = False  # the 2023 members on raw activations: the heavy-tailed params below are built for them
   c.lr = c.lr_2024 = 1e-3
   c.sparse_update = mode
+  c.screen_bf16 = screen
   groups = tuple(core.groups_from_config(c))
   state = core.init_state(c, D, jax.random.key(0), acts(2, 512), T)
   # Swap in the heavy-tailed parameters (the fresh init fires half of all features).
@@ -189,9 +191,9 @@ def _jaxpr(mode) -> str:
   return str(jax.make_jaxpr(functools.partial(core.update, c, groups, T))(state, acts(), jax.random.key(0)))
 
 
-def _train(mode, n=3, mesh=None, edit=None):
+def _train(mode, n=3, mesh=None, edit=None, screen="off"):
   """n steps of core.update; edit(i, x, state) may change step i's batch and state in place."""
-  c, groups, state = _core_setup(mode)
+  c, groups, state = _core_setup(mode, screen)
   step = core.make_update_fn(c, groups, T, donate=False)
   if mesh is not None:
     state = jax.device_put(state, core.shardings(state, mesh))
@@ -315,7 +317,8 @@ def test_variant_flags_have_their_own_cache_entry(monkeypatch):
 
 # The kernel-level tests above, again in a subprocess on the variant build (core.update calls the
 # same kernel: its tests are left to the main run).
-KERNEL_TESTS = "test_matches_dense_value_and_grad or test_nonfinite_inputs_match_dense or test_compiled_isa"
+KERNEL_TESTS = ("test_matches_dense_value_and_grad or test_nonfinite_inputs_match_dense or test_compiled_isa or "
+                "test_bf16_screen")
 
 
 def test_compiled_isa(kernels):
@@ -340,3 +343,87 @@ def test_kernel_tests_without_avx512(kernels):
                         capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
   assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-1000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The bf16 screen (sae.screen_bf16): the encoder GEMM in bf16, every entry within the provable
+# margin of 0 (and every kept one) recomputed in f32. bf16 dots run on any CPU, only their speed
+# differs, so these run everywhere.
+
+
+@pytest.mark.parametrize("name", ["2023", "2024"])
+@pytest.mark.parametrize("max_density", [1.0, -1.0], ids=["kernel", "dense_formulas"])
+def test_bf16_screen_matches_the_f32_path(kernels, monkeypatch, name, max_density):
+  """The same features fire, with the same f, and every gradient equals the f32 sparse path's to
+  1e-6 relative (the dense reference's to 1e-5, as the f32 path)."""
+  monkeypatch.setattr(sparse_update, "MAX_DENSITY", max_density)
+  rec, cfg, dead = recipes.get(name), sae_config(), jnp.zeros(M, bool)
+  lam = {"2023": 0.004, "2024": 5.0}[name]
+  ps = jax.tree.map(lambda a, b: np.stack([a, b]), params(0), params(1))
+  lams, x = jnp.asarray([lam, 2 * lam], jnp.float32), acts(1)
+  out = {}
+  for screen in (False, True):
+    fn = functools.partial(sparse.value_and_grad, rec, cfg, dead=dead, screen_bf16=screen)
+    out[screen] = jax.jit(jax.vmap(lambda p, x, l, fn=fn: fn(p, x, l), in_axes=(0, None, 0)))(ps, x, lams)
+  (l_f, a_f), g_f = out[False]
+  (l_b, a_b), g_b = out[True]
+  np.testing.assert_array_equal(a_b["fired_count"], a_f["fired_count"])
+  np.testing.assert_array_equal(a_b["f"], a_f["f"])
+  for k in g_f:
+    assert rel_err(g_b[k], g_f[k]) <= 1e-6, (k, rel_err(g_b[k], g_f[k]))
+  for k in ("recon", "sparsity"):
+    np.testing.assert_allclose(a_b[k], a_f[k], rtol=1e-6)
+  np.testing.assert_allclose(l_b, l_f, rtol=1e-6)
+  assert rel_err(a_b["x_hat"], a_f["x_hat"]) <= 1e-6 and rel_err(a_b["f_colsum"], a_f["f_colsum"]) <= 1e-6
+
+
+@pytest.mark.parametrize("d", [D, 512])
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e12])
+def test_bf16_screen_margin_bounds_the_error(scale, d):
+  """|bf16-input GEMM − f32 GEMM| (both as XLA computes them) ≤ the margin the kernel uses, for
+  every entry, at tiny (near the f32 denormals), ordinary and huge magnitudes: the proof's check."""
+  rng = np.random.RandomState(d)
+  x = (scale * rng.standard_cauchy((256, d))).astype(np.float32)   # heavy tails: large terms dominate
+  w = (rng.randn(1, d, 300) * np.exp(rng.randn(1, d, 1))).astype(np.float32)
+  b = (scale * rng.randn(1, 300)).astype(np.float32)
+  xb = jnp.matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w[0], jnp.bfloat16), preferred_element_type=jnp.float32)
+  xf = jnp.matmul(jnp.asarray(x), jnp.asarray(w[0]))
+  kxn, wn, bslack = sparse_update.screen_margin(jnp.asarray(x)[None], jnp.asarray(w), jnp.asarray(b))
+  margin = np.asarray(kxn[0])[:, None] * np.asarray(wn[0])[None] + np.asarray(bslack[0])[None]
+  err = np.abs(np.asarray(xb + b, np.float64) - np.asarray(xf + b, np.float64))
+  assert np.isfinite(margin).all() and (err <= margin).all(), float((err / margin).max())
+  # and it is not vacuous: about 0.8 % of ‖x_b‖‖W_i‖, the Cauchy–Schwarz bound of |pre|
+  norms = np.linalg.norm(x.astype(np.float64), axis=1)[:, None] * np.linalg.norm(w[0].astype(np.float64), axis=0)
+  assert (margin <= 0.01 * norms + np.asarray(bslack[0])[None]).all()
+
+
+def test_bf16_screen_recomputes_few_entries(kernels):
+  """On the heavy-tailed SAE (median L0 < 40 of 302) the screen leaves few candidates beside the
+  active entries: what makes it cheaper than the f32 GEMM where bf16 is fast."""
+  p, x = params(0), acts(1)
+  xw = np.asarray(jnp.matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(p["W_e"], jnp.bfloat16),
+                             preferred_element_type=jnp.float32))
+  kxn, wn, bslack = (np.asarray(a[0]) for a in sparse_update.screen_margin(
+      jnp.asarray(x)[None], jnp.asarray(p["W_e"])[None], jnp.asarray(p["b_e"])[None]))
+  ordinary = np.delete(np.arange(B), HEAVY)
+  cand = (xw + p["b_e"] > -(kxn[:, None] * wn[None] + bslack[None]))[ordinary]
+  active = (x @ p["W_e"] + p["b_e"] > 0)[ordinary]
+  assert (cand >= active).all()  # every active entry is a candidate
+  assert cand.sum() < 2.0 * active.sum(), (cand.sum(), active.sum())
+
+
+def test_bf16_screen_is_chosen_by_the_cpu(monkeypatch):
+  from monojax import cpu_env
+  cfg = sae_config()
+  for has, want in ((True, True), (False, False)):
+    monkeypatch.setattr(cpu_env, "has_bf16_matrix_units", lambda has=has: has)
+    cfg.screen_bf16 = "auto"
+    assert sparse.screen_wanted(cfg) is want
+  cfg.screen_bf16 = "on"
+  assert sparse.screen_wanted(cfg) is True
+  cfg.screen_bf16 = "off"
+  assert sparse.screen_wanted(cfg) is False
+
+
+def test_core_update_with_the_bf16_screen_equals_dense(kernels, dense_run):
+  _assert_states_close(_train("on", screen="on"), dense_run)

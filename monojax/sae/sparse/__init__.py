@@ -5,6 +5,6 @@
   wanted(sae_cfg, recipe)     core's choice from sae_cfg.sparse_update ("auto" | "on" | "off")
 """
 from monojax.kernels.build import available
-from monojax.sae.sparse.update import supports, value_and_grad, wanted
+from monojax.sae.sparse.update import screen_wanted, supports, value_and_grad, wanted
 
-__all__ = ["available", "supports", "value_and_grad", "wanted"]
+__all__ = ["available", "screen_wanted", "supports", "value_and_grad", "wanted"]

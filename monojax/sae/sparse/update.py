@@ -62,17 +62,18 @@ def supports(recipe) -> bool:
   return recipe.sparse is not None
 
 
-def value_and_grad(recipe, cfg, params, x, l1_coef, dead):
+def value_and_grad(recipe, cfg, params, x, l1_coef, dead, screen_bf16: bool = False):
   """((loss, aux), grads) of `recipe.loss(cfg, params, x, l1_coef, dead)` w.r.t. params,
   for one SAE (vmappable). aux: {"f", "x_hat", "recon", "sparsity", "aux_k" (0), "fired_count"
-  (int32 [m], firings per feature), "f_colsum" ([m], Σ_b f_bi)}."""
+  (int32 [m], firings per feature), "f_colsum" ([m], Σ_b f_bi)}. screen_bf16: the encoder GEMM in
+  bf16 with an f32 recheck (see `screen_margin`): the same values where the hardware makes it faster."""
   del cfg, dead  # no AuxK for the ReLU recipes
   if not supports(recipe):
     raise ValueError(f"the sparse update supports recipes that declare a sparse form, not {recipe.name!r}")
   if not build.available():
     raise RuntimeError("the sparse SAE kernels are not available (see the warning logged)")
   params = {k: jnp.asarray(params[k], F32) for k in ("W_e", "b_e", "W_d", "b_d")}
-  form = (recipe.pre_bias, *recipe.sparse)
+  form = (recipe.pre_bias, *recipe.sparse, screen_bf16)
   return _batchable(form)(params, jnp.asarray(x, F32), jnp.asarray(l1_coef, F32))
 
 
@@ -97,8 +98,8 @@ def _batchable(form):
 
 def _stacked(form, params, x, l1_coef, x_batched=False):
   """((loss, aux), grads) for S stacked SAEs: params leaves [S, ...], l1_coef [S], x [B, d] shared
-  (or [S, B, d] when x_batched). form: (pre_bias, mean_over_dims, norm_weighted_l1)."""
-  pre_bias, mean_over_dims, norm_weighted_l1 = form
+  (or [S, B, d] when x_batched). form: (pre_bias, mean_over_dims, norm_weighted_l1, screen_bf16)."""
+  pre_bias, mean_over_dims, norm_weighted_l1, screen = form
   W_e, b_e, W_d, b_d = params["W_e"], params["b_e"], params["W_d"], params["b_d"]
   S, m = b_e.shape
   xs = x if x_batched else jnp.broadcast_to(x, (S, *x.shape))
@@ -112,10 +113,13 @@ def _stacked(form, params, x, l1_coef, x_batched=False):
     l1 = jnp.broadcast_to((l1_coef / B)[:, None], (S, m))
   # The one encoder GEMM (pre = xw + b_e is never stored), batched as vmap batches Recipe.forward
   # (so f > 0 agrees bit for bit with the dense update's).
-  if not pre_bias and not x_batched:
-    xw = jax.vmap(jnp.matmul, in_axes=(None, 0))(x, W_e)
-  else:
-    xw = jax.vmap(jnp.matmul)(xe, W_e)
+  def encoder_gemm(dtype):
+    mm = lambda a, w: jnp.matmul(a.astype(dtype), w.astype(dtype), preferred_element_type=F32)  # noqa: E731
+    if not pre_bias and not x_batched:
+      return jax.vmap(mm, in_axes=(None, 0))(x, W_e)
+    return jax.vmap(mm)(xe, W_e)
+  exact_xw = lambda: encoder_gemm(F32)  # noqa: E731 (what the dense formulas and aux["f"] use)
+  xw = encoder_gemm(jnp.bfloat16) if screen else exact_xw()
   if pre_bias:  # Recipe.forward's `b_e − (b_d − sg(b_d)) W_e`: b_e bit for bit, unless W_e or b_d is not finite
     b_e = b_e - jnp.einsum("sd,sdm->sm", b_d - jax.lax.stop_gradient(b_d), W_e)
   probe = xw[:, :: max(1, B // PROBE_ROWS)] + b_e[:, None]
@@ -126,10 +130,13 @@ def _stacked(form, params, x, l1_coef, x_batched=False):
       jnp.einsum("sm,smd->sd", jnp.zeros_like(b_e), W_d)).all()
 
   def sparse(xw):
-    return _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c)
+    if not screen:
+      return _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c)
+    kxn, wn, bslack = screen_margin(xe, W_e, b_e)
+    return _kernel(xw, b_e, xe, xs, W_d, b_d, l1, c, screen=(jnp.swapaxes(W_e, 1, 2), kxn, wn, bslack))
 
   def dense(xw):  # the same formulas with GEMMs (what autodiff of Recipe.loss computes)
-    pre = xw + b_e[:, None]
+    pre = (exact_xw() if screen else xw) + b_e[:, None]
     f = jax.nn.relu(pre)
     x_hat = jnp.einsum("sbm,smd->sbd", f, W_d) + b_d[:, None]
     g = c * (x_hat - xs)
@@ -151,20 +158,79 @@ def _stacked(form, params, x, l1_coef, x_batched=False):
   loss = recon + l1_coef * sparsity
   # "f" is lazy: XLA forms it only if a caller reads it. core reads "fired_count" and "f_colsum"
   # instead, which cost no [B, m] pass.
-  aux = {"f": jax.nn.relu(xw + b_e[:, None]), "x_hat": x_hat, "recon": recon, "sparsity": sparsity,
+  aux = {"f": jax.nn.relu((exact_xw() if screen else xw) + b_e[:, None]), "x_hat": x_hat, "recon": recon, "sparsity": sparsity,
          "aux_k": jnp.zeros((S,), F32), "fired_count": count, "f_colsum": colsum}
   return (loss, aux), {"W_e": dW_e, "b_e": db_e, "W_d": dW_d, "b_d": db_d}
 
 
-def _kernel(xw, b_e, xe, x, W_d, b_d, l1, c: float):
+def _kernel(xw, b_e, xe, x, W_d, b_d, l1, c: float, screen=None):
   """(x_hat, dW_d data term, dW_e, db_e, colsum, count) from the FFI kernel (sae_sparse.cc); every
-  operand has the leading member axis S."""
+  operand has the leading member axis S. screen: (W_e transposed, κ‖xe_b‖, ‖W_e,i‖, slack) when xw
+  is the bf16 GEMM (the kernel recomputes its candidates in f32)."""
   (S, B, m), d = xw.shape, x.shape[-1]
   shape = lambda *s, dtype=F32: jax.ShapeDtypeStruct((S, *s), dtype)  # noqa: E731
+  target = build.SAE_TARGET if screen is None else build.SAE_SCREENED_TARGET
   call = jax.ffi.ffi_call(
-      build.SAE_TARGET, (shape(B, d), shape(m, d), shape(d, m), shape(m), shape(m), shape(m, dtype=jnp.int32)),
+      target, (shape(B, d), shape(m, d), shape(d, m), shape(m), shape(m), shape(m, dtype=jnp.int32)),
       vmap_method="broadcast_all")
-  return call(xw, b_e, xe, x, W_d, b_d, l1, c=np.float32(c))
+  return call(xw, b_e, xe, x, W_d, b_d, l1, *(screen or ()), c=np.float32(c))
+
+
+# ------------------------------------------------------------------------------------------------
+# The bf16 screen: a provable bound on |bf16 GEMM − f32 GEMM| per entry.
+#
+# pre_bi = xe_b · W_e[:, i] + b_e,i. With bf16 inputs (unit roundoff u = 2⁻⁸: |x̃ − x| ≤ u|x|), the
+# products x̃_k W̃_k are exact in f32 (8 + 8 significand bits), so the bf16 GEMM accumulated in f32
+# (γ_d = d·u₃₂/(1 − d·u₃₂), u₃₂ = 2⁻²⁴) and the f32 GEMM differ from the exact dot e by at most
+#   |S̃ − e| ≤ (2u + u²) Σ|x_k W_k| + γ_d (1+u)² Σ|x_k W_k|,     |S − e| ≤ γ_d Σ|x_k W_k|,
+# and adding b_e rounds each by u₃₂·|S + b|. Σ|x_k W_k| ≤ ‖xe_b‖‖W_e,i‖ (Cauchy–Schwarz), so
+#   |pre_bf16 − pre_f32| ≤ κ‖xe_b‖‖W_e,i‖ + 2u₃₂|b_e,i|  (κ below, with slack for the norms' own
+# rounding), plus terms for inputs and products that a bf16 unit flushes to zero (each below
+# 2⁻¹²⁶ in size: √d·2⁻¹²⁶ per flushed input vector, d·2⁻¹²⁶ for flushed products). An entry whose
+# bf16 value is ≤ −margin is ≤ 0 in f32 too; every other entry (a candidate) is recomputed in f32
+# by the kernel, so f, the firing set and the gradients are the f32 path's (up to the summation
+# order of one dot product: tests/sae/test_sparse.py compares them).
+
+_U, _U32 = 2.0 ** -8, 2.0 ** -24
+_TINY = 2.0 ** -126
+
+
+def screen_kappa(d: int) -> float:
+  g = d * _U32 / (1 - d * _U32)
+  return (2 * _U + _U * _U + g * ((1 + _U) ** 2 + 1) + 2 * _U32 * (1 + 2 * _U + _U * _U + g)) * (1 + 2 ** -8)
+
+
+def _norm(v, axis):
+  """‖v‖₂ along axis, scaled by max|v| first: no underflow to 0 (which would void the bound) and no
+  overflow for values whose squares leave the f32 range."""
+  amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+  safe = jnp.where(amax > 0, amax, 1.0)
+  return (jnp.squeeze(amax, axis) * jnp.sqrt(jnp.sum(jnp.square(v / safe), axis=axis)))
+
+
+def screen_margin(xe, W_e, b_e):
+  """(κ‖xe_b‖ + a [S, B], ‖W_e,i‖ + a/κ [S, m], per-feature slack [S, m]): the kernel's margin is
+  their product plus the slack (see above)."""
+  d = xe.shape[-1]
+  kappa = screen_kappa(d)
+  a = 2 * np.sqrt(d) * _TINY
+  kxn = kappa * _norm(xe, -1) + a
+  wn = _norm(W_e, 1) + a / kappa
+  bslack = 2 * _U32 * (1 + 2 ** -8) * jnp.abs(b_e) + d * 2 * _TINY
+  return kxn.astype(F32), wn.astype(F32), bslack.astype(F32)
+
+
+def screen_wanted(sae_cfg) -> bool:
+  """Whether the sparse update screens with a bf16 encoder GEMM: sae_cfg.screen_bf16 "on", "off", or
+  "auto": on where the CPU has bf16 matrix units (AVX512-BF16, AMX), the f32 GEMM elsewhere (where
+  XLA emulates bf16 dots, slower than f32). Exact either way."""
+  mode = str(sae_cfg.get("screen_bf16", "auto"))
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"sae.screen_bf16 must be auto | on | off, got {mode!r}")
+  if mode == "auto":
+    from monojax import cpu_env
+    return cpu_env.has_bf16_matrix_units()
+  return mode == "on"
 
 
 def wanted(sae_cfg, recipe) -> bool:
