@@ -87,10 +87,17 @@ def load_monojax_params(model, params: dict) -> None:
       sd[k].copy_(torch.from_numpy(v.copy()))
 
 
-def loss_on(model, tokens_np) -> float:
-  """TL's mean next-token loss on int tokens [B, T] (no grad)."""
+def _autocast(on: bool):
+  """torch.autocast("cpu", bfloat16) when on, else a no-op context."""
+  import contextlib
   import torch
-  with torch.no_grad():
+  return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def loss_on(model, tokens_np, autocast_bf16: bool = False) -> float:
+  """TL's mean next-token loss on int tokens [B, T] (no grad; under CPU autocast bf16 if asked)."""
+  import torch
+  with torch.no_grad(), _autocast(autocast_bf16):
     return float(model(torch.from_numpy(tokens_np.astype("int64")), return_type="loss"))
 
 
@@ -100,14 +107,15 @@ def _adamw(model, *, lr, b1, b2, eps, weight_decay):
 
 
 def lm_step(model, *, lr: float, b1: float, b2: float, eps: float, weight_decay: float, grad_clip: float,
-            fwd_hooks=()):
+            fwd_hooks=(), autocast_bf16: bool = False):
   """step(tokens int64 [B, T]) -> None: one fp32 TL training step (with `fwd_hooks` attached), run
-  to completion."""
+  to completion. autocast_bf16: the forward pass and loss under torch.autocast("cpu", bfloat16)
+  (mixed precision as torch users write it: fp32 weights, gradients and AdamW; backward outside)."""
   import torch
   opt = _adamw(model, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
   def step(tokens):
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
+    with model.hooks(fwd_hooks=list(fwd_hooks)), _autocast(autocast_bf16):
       loss = model(tokens, return_type="loss")
     loss.backward()
     if grad_clip > 0:

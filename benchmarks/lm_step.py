@@ -27,6 +27,7 @@ from monojax import cpu_env  # noqa: E402 (imports nothing heavy)
 if __name__ == "__main__":  # the allocator setting must be in place before jax starts
   cpu_env.reexec_with_malloc_tunables(sys.argv)
 
+import machine  # noqa: E402 (benchmarks/machine.py, beside this file)
 from absl import app, flags, logging  # noqa: E402
 
 _CHUNKS = flags.DEFINE_list("chunks", ["0", "64"], "train.loss_chunk values to time (0 = whole sequence)")
@@ -128,6 +129,7 @@ def main(argv):
   chunks = [0, 8] if quick else [int(c) for c in _CHUNKS.value]
   dev = jax.devices()[0]
   load0 = os.getloadavg()
+  print(f"machine: {machine.cpu_line()}")
   print(f"jax {jax.__version__}, {jax.device_count()} x {dev.device_kind} ({dev.platform}), {os.cpu_count()} CPU(s); "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '') or '(unset)'}; load average {load0[0]:.2f}")
   print(f"fp32; median of {steps} timed steps after compile + {warmup} warm-up; FLOPs = 6 N + 12 L T d_attn per token")

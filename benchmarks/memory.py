@@ -37,6 +37,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
+import machine  # noqa: E402 (benchmarks/machine.py, beside this file)
 from absl import app, flags, logging  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "fewer shapes: a smoke check")
@@ -201,6 +202,7 @@ def main(argv):
   import jaxlib
   t_start = time.perf_counter()
   quick = _QUICK.value
+  print(f"machine: {machine.cpu_line()} (compiled for this host; the byte counts do not depend on it)")
   print(f"jax {jax.__version__} / jaxlib {jaxlib.__version__}; {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"(JAX_NUM_CPU_DEVICES={os.environ.get('JAX_NUM_CPU_DEVICES')}); lower + compile only, nothing executed")
   print("bytes per device from compiled.memory_analysis(); peak = temp + argument + output; alias = output bytes "

@@ -34,6 +34,7 @@ import functools  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import machine  # noqa: E402 (benchmarks/machine.py, beside this file)
 from absl import app, flags  # noqa: E402
 
 from monojax.sae import catalogue, core, recipes, sae_config, sparse  # noqa: E402
@@ -110,6 +111,7 @@ def main(_):
     sys.exit("sparse kernels unavailable: nothing to compare")
   d, batch, rec = _D_IN.value, _BATCH.value, recipes.get(_RECIPE.value)
   threads = os.environ.get("MONOJAX_SPARSE_THREADS") or "XLA pool"
+  print(f"machine: {machine.cpu_line()}")
   print(f"d_in {d}, batch {batch:,}, recipe {rec.name}, {os.cpu_count()} CPUs, kernel threads: {threads}, "
         f"GLIBC_TUNABLES {'set' if os.environ.get('GLIBC_TUNABLES') else 'unset'}, median of {_STEPS.value} steps")
   calib = synthetic_acts(4096, d, seed=0)

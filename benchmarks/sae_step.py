@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # torch_sae_anch
 
 import warnings  # noqa: E402
 
+import machine  # noqa: E402 (benchmarks/machine.py)
 from absl import app, flags, logging  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "tiny shapes, 2 timed steps, anchor optional: a smoke check (< 60 s)")
@@ -150,6 +151,55 @@ def l0_stats(state, xs, sae) -> tuple[float, float, int]:
   return float(l0.mean()), float(np.percentile(l0, 99)), int(l0.max())
 
 
+# An SAE this dead or this poor is not timed (issue 19): its sparse update does almost no work, so
+# a ratio against a dense anchor would flatter it. L0 mean below DEAD_L0 features per row, or FVU
+# above DEAD_FVU on held-out activations.
+DEAD_L0 = 5.0
+DEAD_FVU = 0.5
+
+
+def sae_quality(state, xs, sae) -> dict:
+  """The SAE `sae` (a catalogue record) of `state` on held-out batches xs [B, d] (raw activations):
+  L0 per row (mean, p99, max) and FVU over all their rows, sae/metrics.py's definition
+  Σ(x − x̂)² / Σ(x − mean(x))² with the mean over every row of xs (x̂ in the input units:
+  core.reconstruct)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from monojax.sae import core
+
+  @jax.jit
+  def parts(state, x):
+    x = x.astype(jnp.float32)
+    l0 = (core.encode(state, sae, x) > 0).sum(-1)
+    err = jnp.square(x - core.reconstruct(state, sae, x)).sum()
+    return l0, err, x.sum(0), jnp.square(x).sum()
+
+  l0s, err, s1, s2, n = [], 0.0, 0.0, 0.0, 0
+  for x in xs:
+    l0, e, a, b = jax.device_get(parts(state, jnp.asarray(x)))
+    l0s.append(np.asarray(l0))
+    err, s1, s2, n = err + float(e), s1 + np.asarray(a, np.float64), s2 + float(b), n + int(np.shape(x)[0])
+  total_var = s2 - float((s1 ** 2).sum()) / n  # Σ‖x − mean‖² = Σ‖x‖² − n‖mean‖²
+  l0 = np.concatenate(l0s)
+  return {"l0_mean": float(l0.mean()), "l0_p99": float(np.percentile(l0, 99)), "l0_max": int(l0.max()),
+          "fvu": err / total_var if total_var > 0 else float("nan")}
+
+
+def dead_reason(q: dict, on: str = "held-out activations") -> str | None:
+  """None for an SAE fit to time; else the line printed instead of its figures (`on`: what q was
+  measured on)."""
+  l0, fvu = q["l0_mean"], q["fvu"]
+  if l0 >= DEAD_L0 and fvu <= DEAD_FVU:  # NaN FVU fails too
+    return None
+  why = []
+  if not l0 >= DEAD_L0:
+    why.append(f"L0 mean below {DEAD_L0:g}")
+  if not fvu <= DEAD_FVU:
+    why.append(f"FVU above {DEAD_FVU:g}")
+  return f"not measured: the SAE is dead (L0 {l0:.1f}, FVU {fvu:.2f}: {' and '.join(why)} on {on})"
+
+
 def member0_params(state) -> dict:
   """Member 0 of the state's first group as numpy (the unstacked {W_e, b_e, W_d, b_d})."""
   import jax
@@ -206,11 +256,11 @@ def anchor_check(anchors) -> str:
 def part_sae(quick: bool, steps: int, warmup: int, anchors) -> None:
   import jax
   import jax.numpy as jnp
-  from monojax.sae import core
+  from monojax.sae import catalogue, core
   d = 64 if quick else _D_IN.value
   widths = [256] if quick else [int(w) for w in _WIDTHS.value]
   batches = [256] if quick else [int(b) for b in _BATCHES.value]
-  train_updates = 5 if quick else _TRAIN_UPDATES.value
+  train_updates = 100 if quick else _TRAIN_UPDATES.value  # --quick: enough for a live SAE (FVU < 0.5)
   train_batch = 256 if quick else _TRAIN_BATCH.value
   which = _ANCHOR.value if anchors is not None else "none"  # anchors is None: torch does not import
   if which == "sae_lens" and anchors.sae_lens_version() is None:
@@ -244,11 +294,19 @@ def part_sae(quick: bool, steps: int, warmup: int, anchors) -> None:
           f"(lr {cfg.lr:g}, λ {_L1.value:g}); last fvu {fvu:.3f}")
     trained = jax.device_get(state)
     del state
+    sae = catalogue.build(cfg, d)[0]
     for batch in batches:
       xs_np = [timed_pool[i * batch:(i + 1) * batch] for i in range(4)]
       xs = [jnp.asarray(x) for x in xs_np]
       st = fresh_copy(trained)
-      l0 = l0_stats(st, xs)
+      q = sae_quality(st, xs, sae)  # the timed batches: drawn from another seed than the training rows
+      l0 = (q["l0_mean"], q["l0_p99"], q["l0_max"])
+      dead = dead_reason(q)
+      if dead:
+        print(f"  width {width:,} batch {batch:,}: {dead}")
+        rows.append((width, batch, l0, None, dead, None))
+        del st
+        continue
       box = {"state": st, "i": 0}
 
       def ours(box=box, xs=xs, update=update):
@@ -276,19 +334,23 @@ def part_sae(quick: bool, steps: int, warmup: int, anchors) -> None:
         fns.append(theirs)
       res = time_round_robin(fns, steps, warmup)
       rows.append((width, batch, l0, compile_s, res, anchor.describe if anchor else None))
+      print(f"  width {width:,} batch {batch:,}: held-out FVU {q['fvu']:.3f}, L0 mean {q['l0_mean']:.1f}")
       del box, fns, anchor
   print(f"\npart 1: one SAE update (2023 recipe), d_in {d}, median of {steps} timed steps after compile + "
         f"{warmup} warm-up; act/s = batch / step time")
   if which == "none":
     print("anchor: none (" + ("--anchor=none" if _ANCHOR.value == "none" else "torch does not import here") + ")")
-  else:
-    print(f"anchor: {which}: {next(r[5] for r in rows)}")
+  elif any(r[5] for r in rows):
+    print(f"anchor: {which}: {next(r[5] for r in rows if r[5])}")
   head = (f"{'width':>7} {'batch':>6} | {'L0 mean':>7} {'p99':>6} {'max':>6} | {'1st call s':>10} {'monojax ms':>10} "
           f"{'act/s':>9} {'spread':>6} | {'anchor ms':>9} {'act/s':>9} {'spread':>6} | {'ratio':>6}  "
           f"target >= {SAE_TARGET:g}x")
   print(head)
   print("-" * len(head))
   for width, batch, (l0m, l0p, l0x), compile_s, res, _ in rows:
+    if compile_s is None:  # a dead SAE: res holds the reason, nothing was timed
+      print(f"{width:>7,} {batch:>6,} | {l0m:>7.1f} {l0p:>6.0f} {l0x:>6d} | {res}")
+      continue
     (t_ours, sp_ours) = res[0]
     line = (f"{width:>7,} {batch:>6,} | {l0m:>7.1f} {l0p:>6.0f} {l0x:>6d} | {compile_s:>10.1f} {t_ours * 1e3:>10.1f} "
             f"{batch / t_ours:>9,.0f} {100 * sp_ours:>5.0f}% | ")
@@ -388,7 +450,14 @@ def cotrain_row(name: str, shape: tuple, quick: bool, steps: int, warmup: int) -
   boxes = {"train": {"state": fresh_copy(state, shardings)},
            "lm": {"state": fresh_copy({k: state[k] for k in lm_shardings}, lm_shardings)},
            "sae": {"state": fresh_copy(state["sae"], shardings["sae"])}}
-  l0 = l0_stats(boxes["sae"]["state"], sae_xs)
+  from monojax.sae import catalogue
+  q = sae_quality(boxes["sae"]["state"], sae_xs, catalogue.build(s, mlp)[0])
+  l0 = (q["l0_mean"], q["l0_p99"], q["l0_max"])
+  dead = dead_reason(q, on="buffered activations")
+  if dead:  # the overhead ratio is still printed, but its SAE cost is a low estimate
+    print(f"part 2 [{name}]: note: {dead.replace('not measured: ', '')} by part 1's rule (the buffered activations "
+          "of a fresh LM on synthetic tokens); the overhead is still timed, but its SAE update's cost is a low "
+          "estimate")
   sae_update = core.make_update_fn(s, groups, plan.total_sae_steps)
   counter = {"i": 0}
 
@@ -463,6 +532,7 @@ def main(argv):
 
   dev = jax.devices()[0]
   load0 = os.getloadavg()
+  print(f"machine: {machine.cpu_line()}")
   print(f"jax {jax.__version__}, {jax.device_count()} x {dev.device_kind} ({dev.platform}); os.cpu_count() = "
         f"{os.cpu_count()}; load average {load0[0]:.2f}")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset)'}"

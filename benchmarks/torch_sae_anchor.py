@@ -105,8 +105,11 @@ def plain_2023(params: dict, *, lr: float, l1: float, b1: float = 0.9, b2: float
 
 
 def sae_lens_standard(params: dict, *, lr: float, l1: float, b1: float = 0.9, b2: float = 0.999,
-                      dead_window: int = 1000) -> Anchor:
-  """SAELens' StandardTrainingSAE and the body of SAETrainer._train_step (sae-lens 6.x API)."""
+                      dead_window: int = 1000, autocast_bf16: bool = False) -> Anchor:
+  """SAELens' StandardTrainingSAE and the body of SAETrainer._train_step (sae-lens 6.x API).
+  autocast_bf16: the forward pass (and so its products) under torch.autocast("cpu", bfloat16), as
+  SAETrainer runs it with autocast on; parameters, gradients and Adam stay fp32."""
+  import contextlib
   torch = import_torch()
   import sae_lens
   from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
@@ -132,7 +135,9 @@ def sae_lens_standard(params: dict, *, lr: float, l1: float, b1: float = 0.9, b2
   def step(x):
     kw = {"sae_in": x, "coefficients": {"l1": float(l1)}, "dead_neuron_mask": (since_fired > dead_window).bool(),
           "n_training_steps": counter["step"]}
-    out = sae.training_forward_pass(step_input=TrainStepInput(**{k: v for k, v in kw.items() if k in fields}))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+    with ctx:
+      out = sae.training_forward_pass(step_input=TrainStepInput(**{k: v for k, v in kw.items() if k in fields}))
     with torch.no_grad():
       firing = out.feature_acts.bool().float()
       did_fire = firing.sum(-2).bool()
@@ -148,7 +153,8 @@ def sae_lens_standard(params: dict, *, lr: float, l1: float, b1: float = 0.9, b2
   live = {"W_e": sae.W_enc, "b_e": sae.b_enc, "W_d": sae.W_dec, "b_d": sae.b_dec}
   return Anchor("sae_lens", f"SAELens {sae_lens.__version__} StandardTrainingSAE + SAETrainer._train_step body "
                             f"(torch {torch.__version__}; SAELens' loss: decoder-norm-weighted L1, no decoder "
-                            f"constraint)", step, live)
+                            f"constraint" + ("; forward under torch.autocast('cpu', bfloat16)" if autocast_bf16 else "")
+                            + ")", step, live)
 
 
 def make(which: str, params: dict, *, lr: float, l1: float, b1: float, b2: float, eps: float,
