@@ -30,11 +30,12 @@ class Job:
   mesh: Any
   tokenizer: tokenizer_lib.TextTokenizer
   graphdef: Any
-  state: dict                       # the train state (donated to each step: always use job.state)
+  state: dict                       # the train state (donated to each step: always use job.state; while the loop
+                                    # steps it holds the leaves and rebuilds job.state before anything reads it)
   start: int                        # the step this process starts (or resumes) at
   saes: tuple                       # catalogue.SAE records ((): LM only)
   plan: cotrain.Plan | None         # the co-training phases (None: LM only)
-  step_fns: dict[str, Callable]     # phase -> jitted (state, batch) -> (state, metrics)
+  step_fns: dict[str, LeafStep]     # phase -> jitted (state, batch) -> (state, metrics), also on the state's leaves
   sae_init: Callable | None         # (buffer acts, key) -> SAE state, once at plan.init_step
   sae_resample: Callable | None     # (SAE state, buffer acts, key) -> (SAE state, info)
   resample_at: set                  # SAE steps after which to resample
@@ -226,16 +227,64 @@ def _step_functions(cfg, graphdef, tx, schedule, shardings, mesh, plan, kw) -> d
   else:
     lm_update = step_lib.make_lm_update(graphdef, tx, schedule, inject_nan_step=cfg.train.inject_nan_step,
                                         ce_kernel=cfg.train.ce_kernel, mesh=mesh, **kw)
-  jit_kw = dict(in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
   if plan is not None:
     groups = catalogue.groups_from_config(cfg.sae)
-    return {ph: jax.jit(cotrain.make_step(cfg, ph, plan, lm_update, groups, mesh, cfg.sae.layer), **jit_kw)
+    return {ph: LeafStep(cotrain.make_step(cfg, ph, plan, lm_update, groups, mesh, cfg.sae.layer), shardings, batch_sh)
             for ph in ("lm", "fill", "train")}
 
   def lm_only(state, batch):
     new_state, metrics, _ = lm_update(state, batch["tokens"])
     return new_state, metrics
-  return {"lm": jax.jit(lm_only, **jit_kw)}
+  return {"lm": LeafStep(lm_only, shardings, batch_sh)}
+
+
+class LeafStep:
+  """A step (state, batch) -> (state, metrics), jitted on the state's leaves.
+
+  The same computation as jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings,
+  None), donate_argnums=0) on the state pytree, the same arguments in the same order, but the
+  jitted function takes and returns a flat list of arrays. Dispatching a pytree of NNX variables
+  flattens it and builds a new one from the outputs in Python on every call: ~0.4 ms of host time
+  per step on CPU, more than the whole step of a small model (benchmarks/loop_overhead.py). The
+  loop keeps the state's leaves from step to step and calls `jitted(treedef)` on them; called with
+  a state pytree, a LeafStep flattens it and rebuilds it as before."""
+
+  def __init__(self, fn, shardings, batch_sharding):
+    self.fn, self.shardings, self.batch_sharding = fn, shardings, batch_sharding
+    self._jits: dict = {}  # state treedef -> jitted function on that structure's leaves
+
+  def jitted(self, treedef):
+    """The jitted (leaves, batch) -> (leaves, metrics) for states of this structure; the leaves,
+    jax.tree.flatten(state)[0], are donated."""
+    fn = self._jits.get(treedef)
+    if fn is None:
+      fn = self._jits[treedef] = self._jit(treedef)
+    return fn
+
+  def _jit(self, treedef):
+    step = self.fn
+    # One sharding per leaf (the shardings tree may be a prefix of the state's).
+    template = treedef.unflatten([0] * treedef.num_leaves)
+    leaf_sh = jax.tree.leaves(jax.tree.map(lambda sh, sub: jax.tree.map(lambda _: sh, sub), self.shardings, template))
+
+    def on_leaves(leaves, batch):
+      new_state, metrics = step(treedef.unflatten(leaves), batch)
+      out, out_def = jax.tree.flatten(new_state)
+      if out_def != treedef:
+        raise ValueError(f"the step changed the state's structure: {treedef} -> {out_def}")
+      return out, metrics
+    on_leaves.__name__ = getattr(step, "__name__", "step")
+    return jax.jit(on_leaves, in_shardings=(leaf_sh, self.batch_sharding), out_shardings=(leaf_sh, None),
+                   donate_argnums=0)
+
+  def __call__(self, state, batch):
+    leaves, treedef = jax.tree.flatten(state)
+    leaves, metrics = self.jitted(treedef)(leaves, batch)
+    return treedef.unflatten(leaves), metrics
+
+  def lower(self, state, batch):
+    leaves, treedef = jax.tree.flatten(state)
+    return self.jitted(treedef).lower(leaves, batch)
 
 
 def _log_model(cfg, state, step_fns, plan, start, total, mesh, tokenizer, frozen, log):

@@ -81,61 +81,101 @@ def run(cfg, workdir: str, log=logging.info) -> dict:
 
 
 def _steps(job: job_lib.Job, preempt: _Preemption, log) -> tuple[dict, int]:
-  """Steps from job.start to train.steps (or a SIGTERM); returns (last metrics, last step)."""
+  """Steps from job.start to train.steps (or a SIGTERM); returns (last metrics, last step).
+
+  The hot path, per step: next batch, dispatch, the previous step's metrics fetched (the one host
+  sync) and checked, cadence checks. The state stays a list of leaves between steps (job.LeafStep);
+  job.state is rebuilt from it before anything else reads it (SAE events, saves, evals, the end)."""
   cfg, plan, total = job.cfg, job.plan, job.cfg.train.steps
+  log_every, ckpt_every, eval_every = cfg.train.log_every, cfg.train.ckpt_every, cfg.train.eval_every
+  delay = cfg.train.debug_step_delay_s
   last: dict = {}
   pending = None  # (step, device metrics) of the previous step: fetched after the next dispatch
 
   def check(step: int, m) -> dict:
     m = evaluate.flatten(m)
-    evaluate.check_finite(step, m, job.ckpt.steps(), job.ckpt.directory)
+    evaluate.check_finite(step, m, job.ckpt.steps, job.ckpt.directory)  # steps() listed only on a failure
     return m
 
+  state = _StateLeaves(job)
   step = job.start
   if step >= total:
     log(f"nothing to train: {job.ckpt.directory} is at step {step}, train.steps is {total} (raise train.steps "
         "to continue this run)")
   last_phase = None
-  while step < total:
-    batch = next(job.train_iter)
-    phase = job.phase(step)
-    job.state, dev_metrics = job.step_fns[phase](job.state, batch)
-    step += 1
-    if phase != last_phase:  # this call compiled its phase's step: time only the steps after it
-      jax.block_until_ready(dev_metrics)
-      job.reporter.restart(step)
-      last_phase = phase
-    if plan is not None and _sae_events(job, step, log):
-      job.reporter.restart(step)  # host work on the buffer (init, resampling) is not a step either
+  try:
+    while step < total:
+      batch = next(job.train_iter)
+      phase = job.phase(step)
+      dev_metrics = state.step(phase, batch)
+      step += 1
+      if phase != last_phase:  # this call compiled its phase's step: time only the steps after it
+        jax.block_until_ready(dev_metrics)
+        job.reporter.restart(step)
+        last_phase = phase
+      if plan is not None and _sae_event_due(job, step):
+        state.sync()
+        _sae_events(job, step, log)
+        state.reload()
+        job.reporter.restart(step)  # host work on the buffer (init, resampling) is not a step either
+      if pending is not None:
+        p_step, p_metrics = pending
+        last = check(p_step, p_metrics)
+        if p_step % log_every == 0:
+          job.reporter.report(p_step, last)
+      pending = (step, evaluate.pack(dev_metrics))  # one array to fetch, not one per metric
+      if delay > 0:
+        time.sleep(delay)
+      stop = preempt.reached(step)
+      if step % ckpt_every == 0 or step == total or stop:
+        last = check(*pending)  # synchronous: never save a non-finite state
+        if step % log_every == 0 or step == total:
+          job.reporter.report(step, last)
+        pending = None
+        state.sync()
+        _check_state_finite(job, step)
+        job.ckpt.save(step, job.state, job.train_iter, meta=job.ckpt_meta())
+        job.reporter.restart(step)
+      if (eval_every and step % eval_every == 0) or step == total:
+        state.sync()
+        ev = job.evaluate(step, job.state)
+        job.writer.write(step, ev)
+        evaluate.check_eval_finite(step, ev, job.ckpt.directory)
+        last.update(ev)
+        job.reporter.restart(step)
+      if stop:
+        log(f"preempted: checkpoint at step {step} saved in {job.ckpt.directory}; exiting")
+        break
     if pending is not None:
-      p_step, p_metrics = pending
-      last = check(p_step, p_metrics)
-      if p_step % cfg.train.log_every == 0:
-        job.reporter.report(p_step, last)
-    pending = (step, dev_metrics)
-    if cfg.train.debug_step_delay_s > 0:
-      time.sleep(cfg.train.debug_step_delay_s)
-    stop = preempt.reached(step)
-    if step % cfg.train.ckpt_every == 0 or step == total or stop:
-      last = check(*pending)  # synchronous: never save a non-finite state
-      if step % cfg.train.log_every == 0 or step == total:
-        job.reporter.report(step, last)
-      pending = None
-      _check_state_finite(job, step)
-      job.ckpt.save(step, job.state, job.train_iter, meta=job.ckpt_meta())
-      job.reporter.restart(step)
-    if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
-      ev = job.evaluate(step, job.state)
-      job.writer.write(step, ev)
-      evaluate.check_eval_finite(step, ev, job.ckpt.directory)
-      last.update(ev)
-      job.reporter.restart(step)
-    if stop:
-      log(f"preempted: checkpoint at step {step} saved in {job.ckpt.directory}; exiting")
-      break
-  if pending is not None:
-    last = check(*pending)
+      last = check(*pending)
+  finally:
+    state.sync()
   return last, step
+
+
+class _StateLeaves:
+  """The train state between steps as the jitted steps take it: a list of leaves (job.LeafStep).
+  After a step job.state is stale (its arrays were donated); sync() rebuilds it, reload() takes
+  the leaves again after something changed job.state."""
+
+  def __init__(self, job: job_lib.Job):
+    self.job = job
+    self.reload()
+
+  def reload(self) -> None:
+    self.leaves, self.treedef = jax.tree.flatten(self.job.state)
+    self.fns = {ph: fn.jitted(self.treedef) for ph, fn in self.job.step_fns.items()}
+    self.stale = False
+
+  def step(self, phase: str, batch):
+    self.stale = True  # from here on job.state's arrays are donated, whether or not the call succeeds
+    self.leaves, metrics = self.fns[phase](self.leaves, batch)
+    return metrics
+
+  def sync(self) -> None:
+    if self.stale:
+      self.job.state = self.treedef.unflatten(self.leaves)
+      self.stale = False
 
 
 def _check_state_finite(job: job_lib.Job, step: int) -> None:
@@ -156,6 +196,19 @@ def _finite_parts(state) -> dict:
   return {name: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])) for name, tree in parts.items()}
 
 
+def _resample_due(job: job_lib.Job, step: int) -> bool:
+  plan = job.plan
+  if step <= plan.init_step:
+    return False
+  sae_step = (step - plan.init_step) * plan.updates_per_step
+  return any(sae_step - plan.updates_per_step < r <= sae_step for r in job.resample_at)
+
+
+def _sae_event_due(job: job_lib.Job, step: int) -> bool:
+  """Whether `_sae_events` has work after `step` (pure Python: no look at the state)."""
+  return step == job.plan.init_step or _resample_due(job, step)
+
+
 def _sae_events(job: job_lib.Job, step: int, log) -> bool:
   """The SAE's once-per-run initialisation from the full buffer, and dead-feature resampling.
   Returns whether either ran."""
@@ -168,7 +221,7 @@ def _sae_events(job: job_lib.Job, step: int, log) -> bool:
     log(f"sae: initialised from {min(plan.capacity, job.cfg.sae.init_inputs):,} buffered activations at step {step}")
   if step > plan.init_step:
     sae_step = (step - plan.init_step) * plan.updates_per_step
-    if any(sae_step - plan.updates_per_step < r <= sae_step for r in job.resample_at):
+    if _resample_due(job, step):
       ran = True
       key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 2 * 10**9 + step)
       state["sae"], info = job.sae_resample(state["sae"], state["buffer"]["acts"], key)

@@ -152,3 +152,39 @@ def test_chunked_preview_stats_equal_the_whole_batch():
   np.testing.assert_array_equal(counts, (f > 0).sum(0))
   np.testing.assert_allclose(vals, -np.sort(-f.T, axis=1)[:, :3], rtol=1e-6)
   np.testing.assert_allclose(np.take_along_axis(f.T, idx, 1), vals, rtol=1e-6)  # the rows point at those values
+
+
+def test_packed_metrics_read_back_as_the_dict_does():
+  """The loop fetches a step's metrics as one packed vector: the same names, order and floats as
+  flattening the dict (NaN and Inf included); metrics that are not all float32 stay a dict."""
+  m = {"loss": jnp.float32(2.5), "grad_norm": jnp.float32(np.inf), "lr": jnp.float32(1e-3),
+       "sae": {"mse": jnp.asarray([0.25, np.nan], jnp.float32), "l0": jnp.asarray([3.0, 1.0 / 3], jnp.float32)}}
+  packed = evaluate.pack(m)
+  assert isinstance(packed, evaluate.Packed)
+  got, want = evaluate.flatten(packed), evaluate.flatten(m)
+  assert list(got) == list(want) == ["grad_norm", "loss", "lr", "sae0/l0", "sae1/l0", "sae0/mse", "sae1/mse"]
+  assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(got.values(), want.values()))
+  assert got["sae1/l0"] == float(np.float32(1.0 / 3)) and math.isnan(got["sae1/mse"]) and got["grad_norm"] == math.inf
+  mixed = {"loss": jnp.float32(1.0), "tokens": jnp.int32(7)}
+  assert evaluate.pack(mixed) is mixed and evaluate.flatten(mixed) == {"loss": 1.0, "tokens": 7.0}
+
+
+def test_every_finite_metric_reaches_tensorboard_at_its_step(tmp_path):
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  w = metrics_lib.MetricWriter(str(tmp_path), 0, enabled=True)
+  w.write(3, {"loss": 2.0, "sae0/mse": float("nan"), "tokens_per_s": float("inf"), "note": "x", "lr": 1e-3})
+  w.write(4, {"loss": 1.5})
+  w.close()
+  seen = []
+  for path in glob.glob(str(tmp_path / "tb" / "*tfevents*")):
+    with open(path, "rb") as f:
+      data, i = f.read(), 0
+    while i < len(data):  # TFRecords: length, its crc, the event, its crc
+      n = struct.unpack("<Q", data[i:i + 8])[0]
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      seen += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+      i += 16 + n
+  assert sorted(seen) == [(3, "loss", 2.0), (3, "lr", pytest.approx(1e-3)), (4, "loss", 1.5)]
