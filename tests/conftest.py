@@ -18,7 +18,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
-from run_fixtures import HOSTILE, tiny_config, train_in_process  # noqa: E402 (tests/run_fixtures.py)
+from run_fixtures import HOSTILE, analysis_options, copy_run, tiny_config, train_in_process  # noqa: E402 (tests/run_fixtures.py)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def data_cfg(tiny_corpus, tiny_tokenizer_path, tmp_path):
   c.seq_len = 32
   c.global_batch = 4
   c.index_dir = str(tmp_path / "index")
-  c.tfds_dir = str(tmp_path / "tfds")
+  c.packed_dir = str(tmp_path / "packed")
   c.prefetch = 4
   c.tokenize_batch_docs = 4
   c.shuffle_windows = 16  # small, so the resume tests cross a shuffle-block boundary
@@ -92,4 +92,18 @@ def cotrained_run_template(analysis_corpus, tmp_path_factory):
   base = tmp_path_factory.mktemp("template")
   workdir = str(base / "run")
   train_in_process(tiny_config(analysis_corpus, str(base / "idx")), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def analysed_run_template(cotrained_run_template, tmp_path_factory):
+  """The session's tiny co-trained run with RUN/analysis (run_fixtures.analysis_options: 768 tokens of
+  its analysis split, which holds the hostile text), analysed ONCE per session: the analysis pass is
+  what costs, copying the run (~1 MB) is cheap. Shared by tests/analysis, tests/inspector and
+  tests/autointerp; nobody writes into it: tests copy it (copy_run) and own their copy."""
+  from monojax.analysis import scan
+  from monojax.run import Run
+  workdir = copy_run(cotrained_run_template, str(tmp_path_factory.mktemp("analysed") / "run"))
+  scan.run_pass(Run.open(workdir, log=lambda *a, **k: None), analysis_options(), log=lambda *a, **k: None)
+  assert os.path.isdir(os.path.join(workdir, "analysis"))
   return workdir

@@ -4,7 +4,7 @@ run again with the feature removed from the MLP activations over the whole conte
 import numpy as np
 import pytest
 
-from monojax.analysis import ablation, database, scan
+from monojax.analysis import ablation, database
 from monojax.run import Run
 from run_fixtures import copy_run
 
@@ -12,11 +12,11 @@ quiet = lambda *a, **k: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def analysed(cotrained_run_template, tmp_path_factory):
-  workdir = copy_run(cotrained_run_template, str(tmp_path_factory.mktemp("abl") / "run"))
-  run = Run.open(workdir)
-  scan.run_pass(run, scan.Options(tokens=8 * 16 * 4, batch_size=8, flush_every=2, save_every_s=0.0), log=quiet)
-  return run, database.open_database(workdir)
+def analysed(analysed_run_template, tmp_path_factory):
+  """This module's copy of the session's analysed tiny run (tests/conftest.py: its pass wrote the
+  ablation effects)."""
+  workdir = copy_run(analysed_run_template, str(tmp_path_factory.mktemp("abl") / "run"))
+  return Run.open(workdir, log=quiet), database.open_database(workdir)
 
 
 def _slow(run, sae, tokens, feature):

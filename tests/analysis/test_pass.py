@@ -8,31 +8,30 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from run_fixtures import copy_run
+from run_fixtures import ANALYSIS_TOKENS as TOKENS, analysis_options, copy_run
 
 from monojax import analyze, errors
 from monojax.analysis import database, proxies, scan, universality
 from monojax.run import Run
 
 quiet = lambda *a, **k: None  # noqa: E731
-BATCH, TOKENS = 8, 8 * 16 * 6   # 6 batches of 8 sequences of 16 tokens
 
 
 @pytest.fixture(scope="module")
-def workdir(cotrained_run_template, tmp_path_factory):
+def workdir(analysed_run_template, tmp_path_factory):
   """This module's copy of the session's tiny co-trained run (2 SAEs; hostile, URL, hex, Cyrillic and
-  Arabic text in the analysis split)."""
-  return copy_run(cotrained_run_template, str(tmp_path_factory.mktemp("arun") / "run"))
+  Arabic text in the analysis split) with RUN/analysis from the session's one uninterrupted pass
+  (tests/conftest.py analysed_run_template: _opts(), the same pass as this module's)."""
+  return copy_run(analysed_run_template, str(tmp_path_factory.mktemp("arun") / "run"))
 
 
 def _opts(**kw):
-  return scan.Options(**{"tokens": TOKENS, "batch_size": BATCH, "flush_every": 2, "save_every_s": 0.0, **kw})
+  return analysis_options(**kw)
 
 
 @pytest.fixture(scope="module")
 def analysed(workdir):
   run = Run.open(workdir)
-  scan.run_pass(run, _opts(), log=quiet)
   keep = os.path.join(os.path.dirname(workdir), "analysis.first")
   shutil.copytree(database.database_dir(workdir), keep)
   return run, database.open_database(keep)

@@ -1,12 +1,13 @@
-"""Fixtures of the autointerp tests: ONE tiny co-trained run with its feature database, built once per
-session and shared (read only) by tests/autointerp/test_autointerp_pipeline.py; tests that write RUN/autointerp
-take their own copy of it (`analysed_copy`), which is cheap (no second analysis pass).
+"""Fixtures of the autointerp tests: ONE tiny co-trained run with its feature database (a copy of the
+session's analysed tiny run, tests/conftest.py analysed_run_template, whose analysis pass the inspector
+and ablation tests share), read only by tests/autointerp/test_autointerp_pipeline.py; tests that write
+RUN/autointerp take their own copy of it (`analysed_copy`), which is cheap (no second analysis pass).
 
 The database holds 768 tokens (48 sequences of 16). 128 tokens would already give ≥ selection.MIN_EXAMPLES
 activating examples to most features of sae0 and the neurons (this tiny run's features are dense), but
 barely any "top token elsewhere" contexts and no random context where a feature is off (detection's
-negatives); 768 gives both, costs ~3 s more, and is the inspector's pass (the same compiled programs).
-Tests that need excluded features lower the bar (monkeypatch selection.MIN_EXAMPLES)."""
+negatives); 768 gives both. Tests that need excluded features lower the bar (monkeypatch
+selection.MIN_EXAMPLES)."""
 import os
 
 import pytest
@@ -14,19 +15,15 @@ from run_fixtures import copy_run
 
 quiet = lambda *a, **k: None
 
-ANALYSIS_TOKENS = 8 * 16 * 6  # the inspector's pass (tests/inspector/conftest.py): same shapes, same compiled code
 POOL_SEQUENCES = 48            # every sequence: 48 random contexts, enough for detection negatives
 
 
 @pytest.fixture(scope="session")
-def analysed_run(cotrained_run_template, tmp_path_factory):
-  """A finished tiny run (sae0: 64 features, sae1: 96, neurons: 64) with RUN/analysis; nobody writes
-  into it (copy it with `analysed_copy` to run autointerp)."""
-  from monojax.analysis import scan
-  from monojax.run import Run
-  workdir = copy_run(cotrained_run_template, str(tmp_path_factory.mktemp("airun") / "run"))
-  run = Run.open(workdir, log=quiet)
-  scan.run_pass(run, scan.Options(tokens=ANALYSIS_TOKENS, batch_size=8, flush_every=2, save_every_s=0.0), log=quiet)
+def analysed_run(analysed_run_template, tmp_path_factory):
+  """A finished tiny run (sae0: 64 features, sae1: 96, neurons: 64) with RUN/analysis (the autointerp
+  tests' copy of the session's analysed run); nobody writes into it (copy it with `analysed_copy` to
+  run autointerp)."""
+  workdir = copy_run(analysed_run_template, str(tmp_path_factory.mktemp("airun") / "run"))
   assert os.path.isdir(os.path.join(workdir, "analysis"))
   return workdir
 

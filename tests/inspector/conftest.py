@@ -7,8 +7,6 @@ import os
 import pytest
 
 from run_fixtures import HOSTILE, copy_run
-from monojax.analysis import scan
-from monojax.run import Run
 
 quiet = lambda *a, **k: None  # noqa: E731
 
@@ -18,12 +16,10 @@ def hostile():
 
 
 @pytest.fixture(scope="session")
-def inspector_run(cotrained_run_template, tmp_path_factory):
+def inspector_run(analysed_run_template, tmp_path_factory):
   """A finished run (2 SAEs, 64 and 96 features) with RUN/analysis written over its analysis split
-  (a copy of the session's tiny co-trained run: the inspector's tests own this one)."""
-  workdir = copy_run(cotrained_run_template, str(tmp_path_factory.mktemp("irun") / "run"))
-  run = Run.open(workdir)
-  scan.run_pass(run, scan.Options(tokens=8 * 16 * 6, batch_size=8, flush_every=2, save_every_s=0.0), log=quiet)
+  (a copy of the session's analysed tiny run, tests/conftest.py: the inspector's tests own this one)."""
+  workdir = copy_run(analysed_run_template, str(tmp_path_factory.mktemp("irun") / "run"))
   assert os.path.isdir(os.path.join(workdir, "analysis"))
   return workdir
 
